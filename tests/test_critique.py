@@ -115,7 +115,8 @@ def test_changed_config_is_refused_unless_forced(workdir: Path) -> None:
     summary = run_critique(config(workdir, rounds=2, force=True), engine=ScriptedEngine(), progress=False)
     assert summary.rows_written == 7
     assert all(len(r.steps) == 2 for r in read_records(workdir / "out.jsonl", SFTRecord))
-    assert len(list(workdir.glob("out.jsonl.*.bak"))) == 1  # the old rows were moved aside, not lost
+    old = [p for p in workdir.glob("out.jsonl.*.bak") if ".meta.json." not in p.name]
+    assert len(old) == 1 and len(old[0].read_text().splitlines()) == 7  # the old rows were moved aside, not lost
 
 
 def test_flags_on_crafted_generations(workdir: Path) -> None:

@@ -1,0 +1,1 @@
+"""Pipeline stages: each reads files, writes one append-only JSONL (plus a datasets export) and resumes."""

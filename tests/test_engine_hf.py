@@ -1,0 +1,243 @@
+"""HFEngine on the tiny random model: per-row determinism, stopping, counts, choice scoring, formats."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from cai.conversation import HH_STOP, to_hh
+from cai.engines import load_engine
+from cai.engines.base import Engine, SamplingConfig
+from cai.engines.hf import HFEngine, ensure_pad_token, turn_end_ids
+from cai.errors import CaiError
+
+PROMPTS = [
+    "Human: how do I bake bread?",
+    "the quick",
+    "Critique: the response is helpful and harmless. Revision: the response stays the same. Critique:",
+    "yes",
+    "Which of these responses is less harmful? (A) first (B) second.",
+]
+SAMPLED = SamplingConfig(temperature=1.0, top_p=0.9, max_new_tokens=12, seed=7)
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir) -> HFEngine:
+    # batch_size 3 with 5 prompts: two chunks, rows of different lengths share a padded batch
+    return HFEngine(tiny_model_dir, device="cpu", dtype="float32", batch_size=3)
+
+
+def ascii_stop(text: str, start: int = 3) -> str:
+    """A printable ASCII character whose first occurrence in `text` is at or after `start`
+    (the random tiny model writes mostly odd bytes)."""
+    for i in range(start, len(text)):
+        s = text[i]
+        if s.isascii() and s.isalnum() and text.find(s) == i:
+            return s
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def test_satisfies_engine_protocol(engine):
+    assert isinstance(engine, Engine)
+    assert engine.name == "hf" and engine.model_id == str(engine.model_id)
+    assert not engine.model.training
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_row_output_does_not_depend_on_batch_mates(engine, sampling):
+    together = engine.generate(PROMPTS, sampling)
+    for i, prompt in enumerate(PROMPTS):
+        alone = engine.generate([prompt], sampling, seeds=[sampling.seed + i])
+        assert alone == [together[i]], f"row {i} differs when generated alone"
+    reordered = engine.generate(PROMPTS[::-1], sampling, seeds=[sampling.seed + i for i in range(5)][::-1])
+    assert reordered == together[::-1]
+
+
+def test_rows_stopping_at_different_steps_match_alone(engine):
+    # stop strings taken from each row's own text make rows finish at different steps, so finished
+    # rows are dropped from the KV cache mid-batch
+    long = SAMPLED.model_copy(update={"max_new_tokens": 40})
+    free = engine.generate(PROMPTS, long)
+    stops = tuple(ascii_stop(g.text, start=2 + 2 * i) for i, g in enumerate(free))
+    sampling = long.model_copy(update={"stop": stops})
+    together = engine.generate(PROMPTS, sampling)
+    assert {g.finish_reason for g in together} == {"stop"}
+    assert len({g.completion_tokens for g in together}) > 1
+    for i, prompt in enumerate(PROMPTS):
+        assert engine.generate([prompt], sampling, seeds=[sampling.seed + i]) == [together[i]]
+
+
+def test_same_seed_same_text_different_seed_different_text(engine):
+    a = engine.generate(PROMPTS[:1] * 3, SAMPLED, seeds=[5, 5, 6])
+    assert a[0] == a[1]
+    assert a[0].text != a[2].text
+    # default seeds are sampling.seed + i
+    assert engine.generate(PROMPTS[:2], SAMPLED) == engine.generate(PROMPTS[:2], SAMPLED, seeds=[7, 8])
+
+
+def test_max_new_tokens_and_token_counts(engine):
+    out = engine.generate(PROMPTS, SAMPLED.model_copy(update={"max_new_tokens": 5}))
+    for prompt, g in zip(PROMPTS, out):
+        assert g.finish_reason == "length"
+        assert g.completion_tokens == 5
+        assert g.prompt_tokens == len(engine.tokenizer(prompt)["input_ids"])
+
+
+def test_stop_sequence_cuts_text_and_counts_tokens_to_the_stop(engine):
+    seeds, long = [11], SAMPLED.model_copy(update={"max_new_tokens": 40})
+    full = engine.generate(PROMPTS[:1], long, seeds=seeds)[0].text
+    stop = ascii_stop(full)
+    out = engine.generate(PROMPTS[:1], long.model_copy(update={"stop": ("never-there", stop)}), seeds=seeds)[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full[:full.find(stop)]
+    # the stop string is complete after exactly completion_tokens tokens, not one earlier
+    k = out.completion_tokens
+    assert stop in engine.generate(PROMPTS[:1], SAMPLED.model_copy(update={"max_new_tokens": k}), seeds=seeds)[0].text
+    assert stop not in engine.generate(
+        PROMPTS[:1], SAMPLED.model_copy(update={"max_new_tokens": k - 1}), seeds=seeds)[0].text
+
+
+def test_greedy_stop_equal_to_what_greedy_produces(engine):
+    text = engine.generate(PROMPTS[1:2], GREEDY)[0].text
+    out = engine.generate(PROMPTS[1:2], GREEDY.model_copy(update={"stop": (text[:3],)}))[0]
+    assert (out.text, out.finish_reason) == ("", "stop")
+
+
+def test_eos_ends_a_row_and_is_not_in_the_text(engine):
+    eos = engine.tokenizer.eos_token_id
+    head = engine.model.get_output_embeddings()
+
+    def push_eos(module, inputs, output):  # make EOS the most likely token from the 3rd step on
+        if push_eos.calls >= 2:
+            output[..., eos] += 1000.0
+        push_eos.calls += 1
+        return output
+
+    push_eos.calls = 0
+    handle = head.register_forward_hook(push_eos)
+    try:
+        out = engine.generate(PROMPTS[:2], GREEDY)
+    finally:
+        handle.remove()
+    for g in out:
+        assert g.finish_reason == "eos"
+        assert g.completion_tokens == 3  # two tokens, then EOS (counted)
+    assert out[0].text == engine.generate(PROMPTS[:1], GREEDY.model_copy(update={"max_new_tokens": 2}))[0].text
+
+
+def test_choice_logprobs_match_hand_computation(engine):
+    prompts = PROMPTS[:4]
+    choices = [[" A", " B"], [" quick brown fox", "x", ""], [" (A)", " (B) second"], ["no"]]
+    got = engine.choice_logprobs(prompts, choices)
+    tok, model = engine.tokenizer, engine.model
+    for prompt, cs, row in zip(prompts, choices, got):
+        p = tok(prompt)["input_ids"]
+        for c, value in zip(cs, row):
+            ids = tok(c, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([p + ids])).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            hand = sum(float(logp[len(p) - 1 + k, t]) for k, t in enumerate(ids))
+            assert value == pytest.approx(hand, abs=1e-4)
+    assert got[1][2] == 0.0  # empty continuation
+
+
+def test_choice_logprobs_do_not_depend_on_batch(engine):
+    choices = [[" A", " B second"]] * len(PROMPTS)
+    together = engine.choice_logprobs(PROMPTS, choices)
+    for i, prompt in enumerate(PROMPTS):
+        assert engine.choice_logprobs([prompt], choices[:1])[0] == pytest.approx(together[i], abs=1e-5)
+
+
+def test_render_chat_hh_format_without_template(engine):
+    messages = [{"role": "user", "content": "Is this safe?"}, {"role": "assistant", "content": "Yes."},
+                {"role": "user", "content": "Why?"}]
+    assert engine.render_chat(messages, "Critique:") == to_hh(messages, "Critique:")
+    assert engine.render_chat(messages).endswith("\n\nAssistant:")
+    assert engine.stop_sequences == HH_STOP
+
+
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<end_of_turn>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_engine(tiny_model_dir, tmp_path_factory) -> HFEngine:
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-chat")
+    shutil.copytree(tiny_model_dir, d, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(d)
+    tok.add_special_tokens({"additional_special_tokens": ["<end_of_turn>"]})
+    tok.chat_template = TEMPLATE
+    tok.save_pretrained(d)
+    return HFEngine(d, device="cpu", dtype="float32")
+
+
+def test_render_chat_uses_the_chat_template(chat_engine):
+    messages = [{"role": "user", "content": "Hi"}]
+    text = chat_engine.render_chat(messages, "Revision:")
+    assert text == "<bos><user>Hi<end_of_turn><assistant>Revision:"
+    assert chat_engine.stop_sequences == ()
+    ids = chat_engine.encode(text)
+    bos = chat_engine.tokenizer.bos_token_id
+    assert ids[0] == bos and ids.count(bos) == 1  # the template's BOS is not doubled
+
+
+def test_end_of_turn_token_counts_as_eos(chat_engine):
+    eot = chat_engine.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert eot in chat_engine.end_ids
+    assert eot in turn_end_ids(chat_engine.tokenizer)
+    assert chat_engine.tokenizer.eos_token_id in chat_engine.end_ids
+
+
+def test_pad_token_distinct_from_eos(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok.pad_token = tok.eos_token
+    ensure_pad_token(tok, model)
+    assert tok.pad_token == tok.unk_token and model.config.pad_token_id == tok.unk_token_id
+
+    tok.pad_token = tok.eos_token
+    tok.unk_token = None
+    rows = model.get_input_embeddings().weight.shape[0]
+    ensure_pad_token(tok, model)
+    assert tok.pad_token == "<pad>" or tok.pad_token_id not in (None, tok.eos_token_id)
+    assert tok.pad_token_id != tok.eos_token_id
+    assert model.get_input_embeddings().weight.shape[0] >= max(rows, tok.pad_token_id + 1)
+
+
+def test_missing_model_is_a_cai_error_saying_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for model in [str(tmp_path / "no-such-model"), "no-such-org/no-such-model-xyz"]:
+        with pytest.raises(CaiError) as err:
+            HFEngine(model, device="cpu")
+        msg = str(err.value)
+        assert model in msg and "huggingface-cli download" in msg and "HF_HOME" in msg
+        assert "bundled Gemma" in msg and "\n" not in msg
+
+
+def test_load_engine_errors(tiny_model_dir, monkeypatch):
+    with pytest.raises(CaiError, match="choose one of: hf, vllm"):
+        load_engine("llamacpp", str(tiny_model_dir))
+    with pytest.raises(CaiError, match="unknown option.*temprature.*allowed: device"):
+        load_engine("hf", str(tiny_model_dir), temprature=0.5)
+    monkeypatch.setitem(__import__("sys").modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(CaiError, match=r"pip install 'cai\[vllm\]'.*GPU"):
+        load_engine("vllm", str(tiny_model_dir))
+
+
+def test_load_engine_default_model_records_a_stable_id(tiny_model_dir, monkeypatch):
+    import cai.default_model as dm
+
+    monkeypatch.setattr(dm, "default_model_path", lambda cache_dir=None: tiny_model_dir)
+    engine = load_engine("hf", None, device="cpu", dtype="float32", batch_size=2)
+    assert engine.model_id == dm.DEFAULT_MODEL_ID
+    assert engine.batch_size == 2
