@@ -189,3 +189,19 @@ def test_export_loads_back_with_documented_columns(workdir: Path) -> None:
     row = read_records(workdir / "out.jsonl", SFTRecord)[0]
     assert pairs[0]["chosen"][0]["content"] == row.final_response
     assert (workdir / "export" / "messages.parquet").exists()
+
+
+def test_cli_engine_options_merge_into_the_config_file(tmp_path: Path) -> None:
+    import argparse
+
+    from cai.cli import build_parser
+    from cai.cli.cmd_generate import load_config
+
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("prompts: p.jsonl\nconstitution: c.yaml\nout: o.jsonl\nengine_options:\n  dtype: float32\n")
+    args: argparse.Namespace = build_parser().parse_args(
+        ["generate", "--config", str(cfg), "--engine-option", "batch_size=4", "--engine-option", "dtype=bfloat16"])
+    assert load_config(args).engine_options == {"dtype": "bfloat16", "batch_size": 4}
+    args = build_parser().parse_args(
+        ["generate", "--prompts", "p", "--constitution", "c", "--out", "o", "--engine-option", "device=cpu"])
+    assert load_config(args).engine_options == {"device": "cpu"}

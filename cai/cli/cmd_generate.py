@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for flag, (dest, typ, help_) in _FLAGS.items():
         p.add_argument(flag, dest=dest, type=typ, help=help_, default=None)
     p.add_argument("--tag", dest="tags", action="append", help="only principles with this tag (repeatable)")
+    p.add_argument("--engine-option", dest="engine_option", action="append", metavar="KEY=VALUE",
+                   help="engine constructor option, e.g. tensor_parallel_size=2 or dtype=bfloat16 (repeatable)")
     p.add_argument("--without-replacement", dest="with_replacement", action="store_false", default=None,
                    help="never draw the same principle twice for one prompt")
     p.add_argument("--force", action="store_true", default=None, help="move an output written with another config aside")
@@ -56,6 +58,14 @@ def load_config(args: argparse.Namespace) -> CritiqueConfig:
 
     fields = [dest for dest, _, _ in _FLAGS.values()] + ["tags", "with_replacement", "force"]
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    if args.engine_option:
+        from cai.yamlio import parse_override
+
+        options = dict(parse_override(item) for item in args.engine_option)
+        if args.config:  # merged into the config file's engine_options
+            overrides.update({f"engine_options.{k}": v for k, v in options.items()})
+        else:
+            overrides["engine_options"] = options
     if args.config:
         return load_model(args.config, CritiqueConfig, overrides)
     missing = [f"--{k}" for k in ("prompts", "constitution", "out") if k not in overrides]
