@@ -8,6 +8,7 @@ refused unless `force=True`, which moves the old file aside instead of mixing ro
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import time
@@ -50,8 +51,10 @@ def repair_torn_tail(path: Path) -> int:
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line; a bad line raises InputError naming it."""
-    with Path(path).open(encoding="utf-8") as f:
+    """Yield (line number, object) for each non-blank line of a .jsonl (or .jsonl.gz) file; a bad line
+    raises InputError naming it."""
+    path = Path(path)
+    with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -157,7 +160,7 @@ class JsonlStore(Generic[R]):
 
     def append(self, record: R) -> None:
         """Write one row durably. A row whose id is already on disk is skipped (idempotent)."""
-        rid = getattr(record, "id")
+        rid = record.id
         if rid in self._ids:
             return
         if self._fh is None:
@@ -180,7 +183,7 @@ class JsonlStore(Generic[R]):
             self._fh.close()
             self._fh = None
 
-    def __enter__(self) -> "JsonlStore[R]":
+    def __enter__(self) -> JsonlStore[R]:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cai.conversation import Message, TranscriptError, parse_hh
 from cai.errors import CaiError, InputError
+from cai.store import iter_jsonl
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -23,24 +22,6 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise CaiError(f"--shard {spec}: need 0 <= i < n")
     return i, n
-
-
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
-
-
-def _iter_json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(str(path), f"not valid JSON ({e.msg})", line=lineno) from None
-            if not isinstance(obj, dict):
-                raise InputError(str(path), "expected a JSON object", line=lineno)
-            yield lineno, obj
 
 
 def _iter_dataset_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -94,15 +75,21 @@ def row_to_conversation(row: dict[str, Any], path: str, line: int) -> list[Messa
     )
 
 
-def load_prompts(path: str | Path, limit: int | None = None) -> list[list[Message]]:
-    """All prompts of a file as conversations, in file order, the first `limit` of them if given."""
+def iter_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line, row) of a .jsonl / .jsonl.gz file, or (row number, row) of any datasets-loadable file."""
     p = Path(path)
     if not p.exists():
         raise InputError(str(p), "file not found")
-    name = p.name
-    rows = _iter_json_lines(p) if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")) else _iter_dataset_rows(p)
+    if p.name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        return iter_jsonl(p)
+    return _iter_dataset_rows(p)
+
+
+def load_prompts(path: str | Path, limit: int | None = None) -> list[list[Message]]:
+    """All prompts of a file as conversations, in file order, the first `limit` of them if given."""
+    p = Path(path)
     out: list[list[Message]] = []
-    for line, row in rows:
+    for line, row in iter_rows(p):
         if limit is not None and len(out) >= limit:
             break
         out.append(row_to_conversation(row, str(p), line))

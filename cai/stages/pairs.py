@@ -8,7 +8,6 @@ the responses as plain strings; errors name the file and line.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from cai.conversation import Message, TranscriptError, as_dicts, parse_hh, split
 from cai.engines.base import Engine, SamplingConfig
 from cai.errors import InputError
 from cai.hashing import sha256_of
-from cai.stages.inputs import _iter_dataset_rows, _iter_json_lines
+from cai.stages.inputs import iter_rows
 
 
 class Pair(BaseModel):
@@ -60,16 +59,6 @@ class PreferenceRow(BaseModel):
     rejected: list[Message]
     label_prob: float = Field(ge=0.0, le=1.0, description="probability that chosen is better")
     source: str
-
-
-def iter_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line, row) of a .jsonl / .jsonl.gz file, or (row number, row) of any datasets-loadable file."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(str(p), "file not found")
-    if p.name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        return _iter_json_lines(p)
-    return _iter_dataset_rows(p)
 
 
 def _messages(value: Any, path: str, line: int, field: str) -> list[Message]:
