@@ -301,6 +301,88 @@ def test_export_tables(workdir: Path) -> None:
     assert (workdir / "export" / "labels.parquet").exists()
 
 
+# ---------------------------------------------------------------- the real engine on a tiny model
+
+
+def hand_orders(model_dir: Path, constitution: Path, pair: dict) -> list[tuple[float, float]]:
+    """(p_ab, p_ba) per principle from scratch: each (principle, order) prompt + choice run unpadded through
+    the model, the choice's log-prob summed from log_softmax of the logits, softmax over the two choices,
+    and P(A better) read off each order."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cai.constitution import load_constitution
+    from cai.conversation import to_hh
+    from cai.prompts import feedback_messages, load_feedback_templates
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    templates = load_feedback_templates()
+    conversation = [{"role": "user", "content": pair["prompt"]}]
+
+    def choice_logprob(prompt: str, choice: str) -> float:
+        prompt_ids = tok(prompt)["input_ids"]
+        choice_ids = tok(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt_ids + choice_ids])).logits[0]
+        logp = torch.log_softmax(logits.double(), dim=-1)
+        return sum(float(logp[len(prompt_ids) - 1 + t, c]) for t, c in enumerate(choice_ids))
+
+    def p_first(a: str, b: str, principle) -> float:
+        messages, prefix = feedback_messages(templates, conversation, a, b, principle)
+        prompt = to_hh(messages, prefix)
+        la, lb = (choice_logprob(prompt, c) for c in templates.choices)
+        return math.exp(la) / (math.exp(la) + math.exp(lb))
+
+    return [
+        (p_first(pair["response_a"], pair["response_b"], principle),
+         1 - p_first(pair["response_b"], pair["response_a"], principle))
+        for principle in load_constitution(constitution).principles
+    ]
+
+
+@pytest.fixture(scope="module")
+def sharp_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with its (tied) embeddings scaled up: a random init gives near-uniform logits and every
+    label would be 0.5 +- 1e-6; this one has real preferences, so the comparison below means something."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("sharp-model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(40.0)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_tiny_model_labels_equal_hand_computation_from_logits(workdir: Path, sharp_model_dir: Path) -> None:
+    pairs = [
+        {"prompt": "How do I bake bread?", "response_a": "Mix flour, water, salt and yeast, then bake.",
+         "response_b": "I cannot help with that."},
+        {"prompt": "Is it safe?", "response_a": "Please ask a doctor.", "response_b": "sure"},
+    ]
+    write_jsonl(workdir / "tiny.jsonl", pairs)
+    write_jsonl(workdir / "tiny_swapped.jsonl",
+                [{**p, "response_a": p["response_b"], "response_b": p["response_a"]} for p in pairs])
+    options = {"device": "cpu", "dtype": "float32"}
+    for name in ("tiny", "tiny_swapped"):
+        # both pairs in one batch: left padding and position ids must not change a number
+        run_label(config(workdir, f"{name}_labels.jsonl", pairs=workdir / f"{name}.jsonl", model=str(sharp_model_dir),
+                         engine_options=options), progress=False)
+    rows = sorted(read_records(workdir / "tiny_labels.jsonl", LabelRecord), key=lambda r: r.source_index)
+    swapped = sorted(read_records(workdir / "tiny_swapped_labels.jsonl", LabelRecord), key=lambda r: r.source_index)
+    for pair, row, swap in zip(pairs, rows, swapped):
+        hand = hand_orders(sharp_model_dir, workdir / "c.yaml", pair)
+        for x, (p_ab, p_ba) in zip(row.principles, hand, strict=True):
+            assert (x.p_ab, x.p_ba, x.p) == pytest.approx((p_ab, p_ba, (p_ab + p_ba) / 2), abs=1e-5)
+            assert abs(p_ab - 0.5) > 0.05  # a confident model, not a near-uniform tie
+        assert row.label_prob == pytest.approx(sum(ab + ba for ab, ba in hand) / (2 * len(hand)), abs=1e-5)
+        assert swap.label_prob == pytest.approx(1 - row.label_prob, abs=1e-6)
+        assert row.provenance.model == str(sharp_model_dir) and row.provenance.engine == "hf"
+
+
 # ---------------------------------------------------------------- evaluation against human labels
 
 
@@ -350,3 +432,58 @@ def test_example_label_config_loads(repo_root: Path) -> None:
 
     config = load_model(repo_root / "examples" / "label.yaml", LabelConfig)
     assert config.source == "critique" and config.principles == 4
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_label_eval_writes_metrics_and_plot_into_dir(workdir: Path, tiny_model_dir: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from cai.cli import main
+
+    write_jsonl(workdir / "hh.jsonl", hh_rows(6))
+    out = workdir / "eval-cli"
+    argv = ["label", "eval", "--pairs", str(workdir / "hh.jsonl"), "--constitution", str(workdir / "c.yaml"),
+            "--out", str(out), "--model", str(tiny_model_dir), "--principles", "2", "--engine-option",
+            "dtype=float32", "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "agreement with humans" in printed and "position-bias rate" in printed and str(out / "metrics.json") in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["rows_total"] == 6 and metrics["model"] == str(tiny_model_dir) and metrics["mode"] == "direct"
+    assert set(metrics["metrics"]) >= {"agreement", "ece", "bins", "labels"}
+    assert 0.0 <= metrics["metrics"]["agreement"] <= 1.0
+    assert (out / "calibration.png").read_bytes()[:4] == b"\x89PNG"
+    rows = read_records(out / "labels.jsonl", LabelRecord)
+    assert len(rows) == 6 and all(len(r.principles) == 2 and r.human_choice in ("A", "B") for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["label", "eval", "--pairs", "{d}/hh.jsonl", "--out", "{d}/e"],
+         "cai label eval needs --constitution (or a --config YAML that sets them)"),
+        (["label", "eval", "--pairs", "{d}/bad.jsonl", "--constitution", "{d}/c.yaml", "--out", "{d}/e"],
+         "{d}/bad.jsonl:2: chosen: malformed HH transcript: two Human turns in a row"),
+        (["label", "eval", "--pairs", "{d}/missing.jsonl", "--constitution", "{d}/c.yaml", "--out", "{d}/e"],
+         "{d}/missing.jsonl: file not found"),
+        (["label", "--pairs", "{d}/pairs.jsonl", "--constitution", "{d}/c.yaml", "--out", "{d}/l.jsonl",
+          "--batch-size", "0"], "cai label: --batch-size: Input should be greater than or equal to 1"),
+        (["label", "--pairs", "{d}/pairs.jsonl", "--critique", "{d}/pairs.jsonl", "--constitution", "{d}/c.yaml",
+          "--out", "{d}/l.jsonl"], "give exactly one of pairs, critique, prompts (got pairs, critique)"),
+        (["label", "--pairs", "{d}/pairs.jsonl", "--constitution", "{d}/c.yaml", "--out", "{d}/l.jsonl",
+          "--model", "{d}/no-such-model"], "cannot load model"),
+    ],
+)
+def test_cli_errors_are_one_paragraph_without_traceback(workdir: Path, capsys: pytest.CaptureFixture,
+                                                        argv: list[str], message: str) -> None:
+    from cai.cli import main
+
+    write_jsonl(workdir / "hh.jsonl", hh_rows(2))
+    write_jsonl(workdir / "bad.jsonl", hh_rows(1) + [{"chosen": "\n\nHuman: a\n\nHuman: b\n\nAssistant: c",
+                                                      "rejected": "\n\nHuman: a\n\nAssistant: d"}])
+    assert main([a.replace("{d}", str(workdir)) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message.replace("{d}", str(workdir)) in err
+    assert "Traceback" not in err and err.strip().count("\n") == 0
+    assert not (workdir / "e" / "labels.jsonl").exists()

@@ -114,6 +114,7 @@ def test_examples_helpful_pairs_parse(repo_root: Path) -> None:
     assert len(pairs) >= 30
     assert len({p.prompt[0].content for p in pairs}) == len(pairs)
     assert all(p.chosen != p.rejected and p.label_prob == 1.0 for p in pairs)
+    assert any([m.role for m in p.prompt] == ["user", "assistant", "user"] for p in pairs)  # multi-turn form too
 
 
 def test_example_mix_config_loads(repo_root: Path) -> None:

@@ -51,6 +51,8 @@ def _add_flags(p: argparse.ArgumentParser, flags: dict[str, tuple[str, Any, str]
     for flag, (dest, typ, help_) in flags.items():
         p.add_argument(flag, dest=dest, type=typ, help=help_, default=None)
     p.add_argument("--tag", dest="tags", action="append", help="only principles with this tag (repeatable)")
+    p.add_argument("--engine-option", dest="engine_option", action="append", metavar="KEY=VALUE",
+                   help="engine constructor option, e.g. dtype=float32 or batch_size=32 (repeatable)")
     p.add_argument("--cot", action="store_true", default=None, help="chain of thought: reason, then answer")
     p.add_argument("--clamp", nargs=2, type=float, metavar=("LO", "HI"), default=None,
                    help="band for chain-of-thought probabilities (default 0.4 0.6)")
@@ -88,6 +90,14 @@ def build_config(args: argparse.Namespace, model: type[BaseModel], flags: dict[s
 
     fields = [dest for dest, _, _ in flags.values()] + _SWITCHES + ["skip_malformed"]
     overrides = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
+    if args.engine_option:
+        from cai.yamlio import parse_override
+
+        options = dict(parse_override(item) for item in args.engine_option)
+        if args.config:  # merged into the config file's engine_options
+            overrides.update({f"engine_options.{k}": v for k, v in options.items()})
+        else:
+            overrides["engine_options"] = options
     if args.config:
         return load_model(args.config, model, overrides)
     missing = [f"--{k}" for k in required if k not in overrides]

@@ -120,7 +120,7 @@ def run_label_eval(config: EvalConfig, engine: Engine | None = None, progress: b
         records = [r for r in store.records() if r.id in run_ids]
     wall = time.perf_counter() - start
     metrics = eval_metrics(records)
-    title = f"{Path(labeler.engine.model_id).name} ({config.mode}), {len(records)} pairs, ECE {metrics.ece:.3f}"
+    title = f"{Path(labeler.engine.model_id).name} ({config.mode})\n{len(records)} pairs, ECE {metrics.ece:.3f}"
     plot_calibration(metrics.bins, out / "calibration.png", title)
     summary = EvalSummary(
         pairs_file=str(config.pairs), pairs_file_sha256=sha256_of(Path(config.pairs).read_bytes()),

@@ -120,8 +120,8 @@ def plot_calibration(bins: list[CalibrationBin], path: str | Path, title: str) -
     top.set_ylabel("share where the human preferred A")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
-    top.set_title(title)
-    top.legend(loc="upper left")
+    top.set_title(title, fontsize=10)
+    top.legend(loc="lower right")
     width = bins[0].hi - bins[0].lo if bins else 0.1
     bottom.bar([b.lo for b in bins], [b.count for b in bins], width=width, align="edge", edgecolor="black")
     bottom.set_xlabel("predicted probability that A is better")
