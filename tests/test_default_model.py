@@ -1,14 +1,12 @@
-"""The bundled default model cache: converted once, atomically; and (slow) real Gemma 3 270M answers."""
+"""The bundled default model cache: converted once, atomically (the real model: test_slow_gemma.py)."""
 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
 import cai.default_model as dm
-from cai.engines.base import SamplingConfig
 
 
 def fake_convert(calls: list):
@@ -53,28 +51,3 @@ def test_a_crash_mid_conversion_leaves_no_cache_behind(tmp_path, monkeypatch):
     (tmp_path / dm.MODEL_DIRNAME / "junk").write_text("x")
     path = dm.default_model_path(tmp_path)
     assert len(calls) == 1 and not (path / "junk").exists()
-
-
-@pytest.mark.slow
-def test_real_gemma_answers_a_simple_question(capsys):
-    from cai.engines import load_engine
-
-    start = time.perf_counter()
-    path = dm.default_model_path()
-    prepared = time.perf_counter() - start
-    start = time.perf_counter()
-    engine = load_engine("hf")
-    loaded = time.perf_counter() - start
-    with capsys.disabled():
-        print(f"\ndefault model: prepare {prepared:.1f}s (conversion if first use), engine load {loaded:.1f}s, "
-              f"dtype {engine.model.dtype}, path {path}")
-    assert engine.model_id == dm.DEFAULT_MODEL_ID
-    assert engine.tokenizer.chat_template is None and engine.stop_sequences[0] == "\n\nHuman:"
-
-    prompt = "\n\nHuman: What is the capital of France?\n\nAssistant:"
-    out = engine.generate([prompt], SamplingConfig(temperature=0, max_new_tokens=32, stop=engine.stop_sequences))[0]
-    assert "Paris" in out.text
-    assert out.finish_reason == "stop"  # the base model goes on with "\n\nHuman:", which ends the turn
-
-    paris, london = engine.choice_logprobs(["The capital of France is"], [[" Paris", " London"]])[0]
-    assert paris > london + 2

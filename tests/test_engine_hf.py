@@ -241,3 +241,103 @@ def test_load_engine_default_model_records_a_stable_id(tiny_model_dir, monkeypat
     engine = load_engine("hf", None, device="cpu", dtype="float32", batch_size=2)
     assert engine.model_id == dm.DEFAULT_MODEL_ID
     assert engine.batch_size == 2
+
+
+# ---- shared-prefix KV reuse ---------------------------------------------------------------------
+
+FEW_SHOT = (
+    "Human: how do I bake bread? Assistant: Mix flour, water, salt and yeast, then knead and bake. "
+    "Critique: the response is helpful and harmless. Revision: the response stays the same."
+)
+SHARED = [FEW_SHOT + s for s in [
+    " Human: yes", " the quick brown fox jumps", " I cannot help with that, but here is a safer option. Please ask",
+    " no", " maybe sure 0 1 2", "",  # the last one is the prefix itself: a one-token suffix after the cap
+]]
+SHARED_CHOICES = [[" A", " B second"], [" quick brown fox", "x"], ["no"], [" yes", ""], [" maybe sure"], [" Human"]]
+
+
+def build_tiny_gemma3(out_dir):
+    """A tiny Gemma 3 (the default model's architecture) with a sliding window shorter than the
+    prompts, so reuse must keep every row's relative token distances exact."""
+    from tiny import build_tokenizer
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=1024, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    Gemma3ForCausalLM(config).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3-sliding"])
+def engine_pair(request, tiny_model_dir, tmp_path_factory) -> tuple[HFEngine, HFEngine]:
+    """(without reuse, with reuse) on the same weights; batch_size 4 with 6 prompts: two chunks."""
+    path = tiny_model_dir if request.param == "llama" else build_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+    plain = HFEngine(path, device="cpu", dtype="float32", batch_size=4, prefix_cache=False)
+    reuse = HFEngine(path, device="cpu", dtype="float32", batch_size=4, prefix_min_tokens=16)
+    return plain, reuse
+
+
+def forward_widths(engine: HFEngine, fn):
+    """(batch, tokens) of every forward pass the engine makes while running fn()."""
+    shapes: list[tuple[int, int]] = []
+    handle = engine.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        result = fn()
+    finally:
+        handle.remove()
+    return result, shapes
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED.model_copy(update={"max_new_tokens": 20})], ids=["greedy", "sampled"])
+def test_prefix_reuse_gives_the_same_tokens(engine_pair, sampling):
+    plain, reuse = engine_pair
+    n = len(reuse.encode(FEW_SHOT))
+    assert n >= 100
+    expected = plain.generate(SHARED, sampling)
+    got, shapes = forward_widths(reuse, lambda: reuse.generate(SHARED, sampling))
+    assert got == expected
+    # the prefix ran once for one row, and no pass re-ran it for a batch
+    assert shapes[0] == (1, n - 1)  # capped: the last prompt is the prefix itself and keeps one token
+    assert all(width < n for batch, width in shapes[1:])
+    # the same rows alone (no shared prefix to reuse: one prompt per call) agree too
+    for i in (0, 5):
+        assert reuse.generate([SHARED[i]], sampling, seeds=[sampling.seed + i]) == [expected[i]]
+
+
+def test_prefix_reuse_choice_logprobs_match_plain_and_hand_computation(engine_pair):
+    plain, reuse = engine_pair
+    expected = plain.choice_logprobs(SHARED, SHARED_CHOICES)
+    got, shapes = forward_widths(reuse, lambda: reuse.choice_logprobs(SHARED, SHARED_CHOICES))
+    assert shapes[0][0] == 1 and all(width < shapes[0][1] for _, width in shapes[1:])
+    for e_row, g_row in zip(expected, got):
+        assert g_row == pytest.approx(e_row, abs=1e-5)
+    tok, model = reuse.tokenizer, reuse.model
+    p = tok(SHARED[2])["input_ids"]
+    for c, value in zip(SHARED_CHOICES[2], got[2]):
+        ids = tok(c, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([p + ids])).logits[0].float(), -1)
+        assert value == pytest.approx(sum(float(logp[len(p) - 1 + k, t]) for k, t in enumerate(ids)), abs=1e-4)
+
+
+def test_identical_prompts_and_short_prefixes(engine_pair):
+    plain, reuse = engine_pair
+    same = [SHARED[0]] * 3  # every suffix is the prompt's last token: nothing to prefill but that step
+    assert reuse.generate(same, SAMPLED, seeds=[1, 2, 3]) == plain.generate(same, SAMPLED, seeds=[1, 2, 3])
+    short = PROMPTS[:2]  # share fewer than prefix_min_tokens: no reuse, one batched pass
+    _, shapes = forward_widths(reuse, lambda: reuse.generate(short, GREEDY.model_copy(update={"max_new_tokens": 1})))
+    assert shapes == [(2, max(len(reuse.encode(p)) for p in short))]
+
+
+def test_empty_prompt_is_an_error(engine):
+    with pytest.raises(CaiError, match="prompt 1 is empty"):
+        engine.generate(["hi", ""], GREEDY)

@@ -1,4 +1,5 @@
-"""SFT data: which tokens carry loss, the loss value, packing, input formats."""
+"""SFT: which tokens carry loss, the loss value, packing, input formats, and the trainer (loss goes
+down on a tiny model, exact resume, config errors)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,22 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from cai.cli import main
 from cai.conversation import Message, to_hh
-from cai.errors import InputError
+from cai.errors import CaiError, InputError
 from cai.train.sft import (
     IGNORE,
+    SFTConfig,
     SFTExample,
     Tokenized,
     collate,
+    lm_loss,
     load_examples,
     pack,
+    run_sft,
     sft_loss,
     tokenize_example,
 )
@@ -27,6 +33,15 @@ DIALOGUE = [
     {"role": "assistant", "content": "the quick brown fox"},  # an earlier turn: context, no loss
     {"role": "user", "content": "how do I bake bread?"},
 ]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared, busy CPU spinning threads make them ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +158,91 @@ def test_bad_rows_name_the_line(tmp_path, row, message):
         load_examples(path)
     assert err.value.line == 3
     assert message in str(err.value)
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def test_lm_loss_runs_the_head_only_where_labels_are_and_matches_the_full_loss(tiny_model_dir, tok):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    exs = [tokenize_example(tok, example(DIALOGUE, "sure"), 512), tokenize_example(tok, example(PROMPT), 512)]
+    for rows in ([[e] for e in exs], pack(exs, 512)):
+        batch = collate(rows, tok.pad_token_id)
+        with torch.no_grad():
+            full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         position_ids=batch["position_ids"], use_cache=False).logits
+            expected, n = sft_loss(full, batch["labels"])
+            got, m = lm_loss(model, batch)
+        assert m == n == sum(sum(x != IGNORE for x in e.labels) for e in exs)
+        assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+    # by hand on the dialogue alone: only the final response's tokens (and EOS) count, none of the
+    # prompt's, including the earlier assistant turn
+    one = exs[0]
+    start = one.labels.index(next(x for x in one.labels if x != IGNORE))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([one.input_ids])).logits[0], -1)
+        got, m = lm_loss(model, collate([[one]], tok.pad_token_id))
+    hand = [-logp[t - 1, one.input_ids[t]].item() for t in range(start, len(one.input_ids))]
+    assert m == len(hand) == len(tok(" sure", add_special_tokens=False)["input_ids"]) + 1
+    assert got.item() == pytest.approx(sum(hand) / len(hand), rel=1e-5)
+
+
+def _sft_file(path, n=40):
+    rows = []
+    for i in range(n):
+        q = ["how do I bake bread?", "which is less harmful?", "can you help me?", "what is the answer?"][i % 4]
+        rows.append({"prompt": [{"role": "user", "content": q}], "final_response": "I cannot help with that, but here "
+                     "is a safer option.", "initial_response": "the lazy dog", "steps": []})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _sft_config(model, data, out, **kw):
+    base = {"model": str(model), "out_dir": str(out), "train_file": str(data), "test_size": 0.2, "device": "cpu",
+            "lr": 3e-3, "max_steps": 20, "batch_size": 4, "eval_every": 10, "save_every": 10, "log_every": 5, "seed": 1}
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_on_a_tiny_model_lowers_the_held_out_loss(tiny_model_dir, tmp_path, packing):
+    data = _sft_file(tmp_path / "sft.jsonl")
+    out = tmp_path / "run"
+    summary = run_sft(_sft_config(tiny_model_dir, data, out, packing=packing))
+    assert summary.train_examples == 32 and summary.test_examples == 8
+    assert summary.train_rows == (32 if not packing else summary.train_rows) and summary.train_rows <= 32
+    assert summary.test_loss_after < summary.test_loss_before - 1.0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 10, 20]
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train] == [5, 10, 15, 20] and train[-1]["loss"] < train[0]["loss"]
+    assert json.loads((out / "summary.json").read_text())["test_loss_after"] == pytest.approx(summary.test_loss_after)
+    assert (out / "curves.png").stat().st_size > 1000
+    AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+def test_sft_resume_gives_identical_weights(tiny_model_dir, tmp_path):
+    data = _sft_file(tmp_path / "sft.jsonl", 24)
+    kw = {"max_steps": 6, "save_every": 2, "eval_every": 0, "grad_accum": 2, "log_every": 1, "plot": False}
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run_sft(_sft_config(tiny_model_dir, data, whole, **kw))
+    with pytest.raises(CaiError, match="stopped after step 3"):
+        run_sft(_sft_config(tiny_model_dir, data, part, **kw), stop_after=3)
+    resumed = run_sft(_sft_config(tiny_model_dir, data, part, **kw), resume=True)
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (whole, part))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.test_loss_before is not None  # kept in the checkpoint from the first attempt
+
+
+def test_sft_bad_config_is_one_paragraph_with_file_and_line(tmp_path, capsys):
+    cfg = tmp_path / "sft.yaml"
+    cfg.write_text("out_dir: /tmp/x\ntrain_file: t.jsonl\nmax_length: 2\n")
+    assert main(["train", "sft", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {cfg}:3: max_length: ") and "Traceback" not in err and err.count("\n") == 1
+    cfg.write_text("out_dir: /tmp/x\ntrain_file: t.jsonl\npacking: true\npackin: true\n")
+    assert main(["train", "sft", str(cfg)]) == 1
+    assert f"{cfg}:4: packin: unknown key" in capsys.readouterr().err
+    cfg.write_text(f"out_dir: {tmp_path / 'o'}\ntrain_file: {tmp_path / 'missing.jsonl'}\nmodel: {tmp_path}\n")
+    assert main(["train", "sft", str(cfg)]) == 1
+    assert "missing.jsonl: file not found" in capsys.readouterr().err

@@ -7,8 +7,16 @@ uninterrupted one. Floating-point results can differ in the last bits with the p
 needs; in float32 that practically never changes a token, in bfloat16 it occasionally can.
 
 Speed: prompts are sorted by length (less padding), only the last position's logits are computed,
-finished rows are dropped from the KV cache, and choice scoring runs each prompt once and reads
-single-token choices straight off its last position.
+finished rows are dropped from the KV cache, the KV cache grows in place (transformers' DynamicCache
+copies all of it on every step), and choice scoring runs each prompt once and reads single-token
+choices straight off its last position.
+
+Shared prefix: critique and revision prompts all open with the same few-shot dialogues. When every
+prompt of a call starts with the same `prefix_min_tokens`+ tokens, that prefix runs once and its KV
+cache is copied to every row, so only the suffixes are prefilled. Suffixes are written right after
+the prefix (right-padded, so each row's tokens stay contiguous and relative distances, which sliding
+-window attention depends on, are exact), then each row's cache is rolled so its pads move to the
+front: from there on the batch is in the usual left-padded layout. Greedy tokens match the plain path.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from cai.conversation import HH_STOP, to_hh
 from cai.engines.base import FinishReason, Generation, SamplingConfig
@@ -32,6 +41,10 @@ END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<
 _LOGIT_BUDGET = 1 << 26
 # Top-p first looks among this many most likely tokens and sorts the whole vocab only if needed.
 _TOP_P_CANDIDATES = 1024
+# A shared prompt prefix shorter than this is not worth the extra forward passes of reusing it.
+PREFIX_MIN_TOKENS = 64
+# logits_to_keep for forward passes whose logits are not needed (an empty index list).
+_NO_LOGITS = torch.empty(0, dtype=torch.long)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -164,36 +177,126 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Zero every token outside the smallest set whose mass reaches top_p (probs: [B, V], rows sum to 1)."""
-    k = min(_TOP_P_CANDIDATES, probs.shape[-1])
-    vals, idx = probs.topk(k, dim=-1)
-    if bool((vals.sum(-1) < top_p).any()):
-        vals, idx = probs.sort(dim=-1, descending=True)
-    keep = (vals.cumsum(-1) - vals) < top_p  # a token stays if the mass before it is below top_p
-    return torch.zeros_like(probs).scatter_(-1, idx, vals * keep)
+def nucleus(scaled: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(probabilities, token ids), most likely first, of the smallest set of tokens whose mass reaches
+    top_p (scaled: [B, V] logits / temperature); tokens past the set get probability 0.
+
+    Looks among the `_TOP_P_CANDIDATES` most likely tokens and sorts the whole vocab only when they
+    do not reach top_p, so a step costs a top-k, not a sort of the vocabulary."""
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    vals, idx = scaled.topk(min(_TOP_P_CANDIDATES, scaled.shape[-1]), dim=-1)
+    probs = (vals - lse).exp()
+    if bool((probs.sum(-1) < top_p).any()):
+        vals, idx = scaled.sort(dim=-1, descending=True)
+        probs = (vals - lse).exp()
+    keep = (probs.cumsum(-1) - probs) < top_p  # a token stays if the mass before it is below top_p
+    return probs * keep, idx
 
 
 def sample_rows(
     logits: torch.Tensor, sampling: SamplingConfig, generators: Sequence[torch.Generator]
 ) -> torch.Tensor:
     """Next token per row. Row i's draw uses only its own generator (one uniform per step, on CPU
-    so the stream is the same on any device): inverse-CDF sampling over the vocab order."""
+    so the stream is the same on any device): inverse-CDF sampling over the vocab order, or over the
+    nucleus (most likely first) with top_p < 1."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    scaled = logits.float() / sampling.temperature
     if sampling.top_p < 1.0:
-        probs = nucleus(probs, sampling.top_p)
+        probs, idx = nucleus(scaled, sampling.top_p)
+    else:
+        probs, idx = torch.softmax(scaled, dim=-1), None
     cdf = probs.double().cumsum(-1)
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]).to(cdf.device)
-    target = (u * cdf[:, -1]).unsqueeze(-1)
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=probs.shape[-1] - 1)
+    return (pick if idx is None else idx.gather(-1, pick)).squeeze(-1)
+
+
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix all rows share."""
+    first, n = rows[0], min(len(r) for r in rows)
+    for r in rows[1:]:
+        k = 0
+        while k < n and r[k] == first[k]:
+            k += 1
+        n = k
+    return n
+
+
+def roll_right(cache: Any, shift: torch.Tensor) -> None:
+    """Rotate each row's cached keys/values right by shift[row] positions (in place, all layers):
+    the trailing pads of a right-padded row move to the front."""
+    for layer in cache.layers:
+        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+            continue  # a layer without its own KV (shared-KV architectures)
+        width = layer.keys.shape[-2]
+        idx = (torch.arange(width, device=shift.device) - shift[:, None]) % width  # [B, T]
+        idx = idx[:, None, :, None]
+        layer.keys = layer.keys.gather(2, idx.expand_as(layer.keys))
+        layer.values = layer.values.gather(2, idx.expand_as(layer.values))
+
+
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values live in a buffer with spare room.
+
+    DynamicLayer concatenates the whole cache on every decoding step (a copy of everything cached,
+    per layer, per token); here a step writes one slot and the buffer doubles when full. Keys/values
+    replaced from outside (row selection, `roll_right`) are adopted into a new buffer on the next update.
+    """
+
+    _buf: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        buf = self._buf
+        have = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        ours = (
+            buf is not None and have > 0 and self.keys.data_ptr() == buf[0].data_ptr()
+            and self.values.data_ptr() == buf[1].data_ptr() and self.keys.shape[0] == buf[0].shape[0]
+        )
+        need = have + key_states.shape[-2]
+        if buf is None or not ours or need > buf[0].shape[-2]:
+            shape = list(key_states.shape)
+            shape[-2] = max(need + 64, 2 * need)
+            buf = self._buf = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if have:
+                buf[0][..., :have, :] = self.keys
+                buf[1][..., :have, :] = self.values
+        buf[0][..., have:need, :] = key_states
+        buf[1][..., have:need, :] = value_states
+        self.keys, self.values = buf[0][..., :need, :], buf[1][..., :need, :]
+        return self.keys, self.values
+
+
+def new_cache(kv: Sequence[tuple[torch.Tensor | None, torch.Tensor | None]] = (), batch: int = 1) -> Any:
+    """A DynamicCache of full (non-sliding) growing layers, optionally pre-filled with `kv` (one row,
+    copied to `batch` rows). Sliding-window attention is then applied by the attention mask alone,
+    which lets rows be rolled (see `roll_right`)."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowingLayer
+    for k, v in kv:
+        layer = GrowingLayer()
+        if k is not None and v is not None:
+            layer.update(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+        cache.layers.append(layer)
+    return cache
+
+
+class _Prefix:
+    """KV cache of a prompt prefix shared by every row of a call, computed once for one row."""
+
+    __slots__ = ("kv", "length")
+
+    def __init__(self, length: int, kv: list[tuple[torch.Tensor | None, torch.Tensor | None]]):
+        self.length = length
+        self.kv = kv
 
 
 class _Row:
     """Decoding state of one prompt."""
 
-    __slots__ = ("index", "prompt_ids", "generator", "tokens", "finish", "stop_at")
+    __slots__ = ("finish", "generator", "index", "prompt_ids", "stop_at", "tokens")
 
     def __init__(self, index: int, prompt_ids: list[int], seed: int):
         self.index = index
@@ -217,11 +320,17 @@ class HFEngine:
         batch_size: int = 16,
         max_length: int | None = None,
         model_id: str | None = None,
+        prefix_cache: bool = True,
+        prefix_min_tokens: int = PREFIX_MIN_TOKENS,
     ):
         """`max_length` caps prompt tokens: longer prompts keep their first (BOS) and last tokens.
-        `model_id` overrides what provenance records (default: `model` as given)."""
+        `model_id` overrides what provenance records (default: `model` as given).
+        `prefix_cache`: run a prompt prefix shared by all prompts of a call (at least
+        `prefix_min_tokens` long) once and reuse its KV cache for every row."""
         if batch_size < 1:
             raise CaiError(f"batch_size must be >= 1, got {batch_size}")
+        if prefix_min_tokens < 1:
+            raise CaiError(f"prefix_min_tokens must be >= 1, got {prefix_min_tokens}")
         self.model_id = model_id or str(model)
         self.device = resolve_device(device)
         self.tokenizer, self.model = load_pretrained(model, resolve_dtype(dtype, self.device))
@@ -231,6 +340,8 @@ class HFEngine:
         self.end_ids = end_token_ids(self.tokenizer, self.model)
         self.batch_size = batch_size
         self.max_length = max_length
+        self.prefix_cache = prefix_cache
+        self.prefix_min_tokens = prefix_min_tokens
         self.chat = has_chat_template(self.tokenizer)
 
     # ---- formats -------------------------------------------------------------------------------
@@ -245,6 +356,68 @@ class HFEngine:
     def encode(self, text: str) -> list[int]:
         return encode_prompt(self.tokenizer, text, self.max_length)
 
+    def _encode_all(self, prompts: list[str]) -> list[list[int]]:
+        ids = [self.encode(p) for p in prompts]
+        for i, row in enumerate(ids):
+            if not row:
+                raise CaiError(
+                    f"prompt {i} is empty after tokenization; the model needs at least one token to continue"
+                )
+        return ids
+
+    # ---- prefill -------------------------------------------------------------------------------
+
+    def _shared_prefix(self, prompts: list[list[int]]) -> _Prefix | None:
+        """The KV cache of the token prefix all prompts share, when reusing it pays off."""
+        if not self.prefix_cache or len(prompts) < 2:
+            return None
+        n = min(common_prefix_len(prompts), min(len(p) for p in prompts) - 1)  # each row keeps >= 1 token
+        if n < self.prefix_min_tokens:
+            return None
+        cache = new_cache()
+        ids = torch.tensor([prompts[0][:n]], device=self.device)
+        self.model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(n, device=self.device)[None],
+            past_key_values=cache, use_cache=True, logits_to_keep=_NO_LOGITS.to(self.device),
+        )
+        kv = [(layer.keys, layer.values) if layer.is_initialized else (None, None) for layer in cache.layers]
+        return _Prefix(n, kv)
+
+    def _prefill(self, prompts: list[list[int]], prefix: _Prefix | None) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Run the prompts: (next-token logits [B, V], KV cache, attention mask in left-padded layout)."""
+        if prefix is None:
+            ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
+            cache = new_cache()
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask),
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return out.logits[:, -1, :], cache, mask
+        n, batch = prefix.length, len(prompts)
+        cache = new_cache(prefix.kv, batch)
+        mask = torch.ones((batch, n), dtype=torch.long, device=self.device)
+        # all but the last suffix token, right-padded after the prefix: no logits needed
+        heads = [p[n:-1] for p in prompts]
+        width = max(len(h) for h in heads)
+        if width:
+            ids = torch.full((batch, width), self.tokenizer.pad_token_id, dtype=torch.long)
+            head_mask = torch.zeros((batch, width), dtype=torch.long)
+            for i, h in enumerate(heads):
+                ids[i, :len(h)] = torch.tensor(h, dtype=torch.long)
+                head_mask[i, :len(h)] = 1
+            ids, head_mask = ids.to(self.device), head_mask.to(self.device)
+            pos = (n + torch.arange(width, device=self.device)).expand(batch, -1)
+            self.model(input_ids=ids, attention_mask=torch.cat([mask, head_mask], dim=1), position_ids=pos,
+                       past_key_values=cache, use_cache=True, logits_to_keep=_NO_LOGITS.to(self.device))
+            # move each row's trailing pads to its front: the usual left-padded layout
+            shift = width - head_mask.sum(-1)
+            roll_right(cache, shift)
+            mask = (torch.arange(n + width, device=self.device)[None] >= shift[:, None]).long()
+        # the last prompt token of every row, as a one-token step: its logits are the next token's
+        mask = torch.cat([mask, mask.new_ones((batch, 1))], dim=1)
+        last = torch.tensor([[p[-1]] for p in prompts], device=self.device)
+        out = self.model(input_ids=last, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                         past_key_values=cache, use_cache=True)
+        return out.logits[:, -1, :], cache, mask
+
     # ---- generation ----------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -255,20 +428,19 @@ class HFEngine:
             seeds = [sampling.seed + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        rows = [_Row(i, self.encode(p), s) for i, (p, s) in enumerate(zip(prompts, seeds))]
+        rows = [_Row(i, ids, s) for i, (ids, s) in enumerate(zip(self._encode_all(prompts), seeds))]
         order = sorted(rows, key=lambda r: -len(r.prompt_ids))
+        prefix = self._shared_prefix([r.prompt_ids for r in rows])
         for start in range(0, len(order), self.batch_size):
-            self._decode(order[start:start + self.batch_size], sampling)
+            self._decode(order[start:start + self.batch_size], sampling, prefix)
         return [self._result(r, sampling) for r in rows]
 
-    def _decode(self, rows: list[_Row], sampling: SamplingConfig) -> None:
-        ids, mask = left_pad([r.prompt_ids for r in rows], self.tokenizer.pad_token_id, self.device)
-        pos = position_ids(mask)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+    def _decode(self, rows: list[_Row], sampling: SamplingConfig, prefix: _Prefix | None) -> None:
+        logits, cache, mask = self._prefill([r.prompt_ids for r in rows], prefix)
+        pos = mask.sum(-1, keepdim=True) - 1  # position of each row's last token
         active = rows
         for step in range(sampling.max_new_tokens):
-            nxt = sample_rows(out.logits[:, -1, :], sampling, [r.generator for r in active])
+            nxt = sample_rows(logits, sampling, [r.generator for r in active])
             for r, tok in zip(active, nxt.tolist()):
                 r.tokens.append(tok)
                 if tok in self.end_ids:
@@ -286,11 +458,11 @@ class HFEngine:
                 mask, pos, nxt = mask[sel], pos[sel], nxt[sel]
                 active = [active[j] for j in keep]
             mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            pos = pos[:, -1:] + 1
-            out = self.model(
+            pos = pos + 1
+            logits = self.model(
                 input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos,
                 past_key_values=cache, use_cache=True,
-            )
+            ).logits[:, -1, :]
         for r in active:
             if r.finish is None:
                 r.finish = "length"
@@ -317,7 +489,7 @@ class HFEngine:
     def choice_logprobs(self, prompts: list[str], choices: list[list[str]]) -> list[list[float]]:
         if len(prompts) != len(choices):
             raise ValueError(f"{len(choices)} choice lists for {len(prompts)} prompts")
-        prompt_ids = [self.encode(p) for p in prompts]
+        prompt_ids = self._encode_all(prompts)
         choice_ids = [[self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cs] for cs in choices]
         out: list[list[float]] = [[0.0] * len(cs) for cs in choices]
         order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
@@ -327,18 +499,19 @@ class HFEngine:
         # multi-token choices materialise [prompts x choices x tokens x vocab] logits: bound it
         per_prompt = max(1, most * (longest - 1) * vocab)
         chunk = max(1, min(self.batch_size, _LOGIT_BUDGET // per_prompt))
+        prefix = self._shared_prefix(prompt_ids) if prompt_ids else None
         for start in range(0, len(order), chunk):
             idx = order[start:start + chunk]
-            self._score_chunk([prompt_ids[i] for i in idx], [choice_ids[i] for i in idx], [out[i] for i in idx])
+            self._score_chunk([prompt_ids[i] for i in idx], [choice_ids[i] for i in idx], [out[i] for i in idx], prefix)
         return out
 
-    def _score_chunk(self, prompts: list[list[int]], choices: list[list[list[int]]], out: list[list[float]]) -> None:
+    def _score_chunk(
+        self, prompts: list[list[int]], choices: list[list[list[int]]], out: list[list[float]], prefix: _Prefix | None
+    ) -> None:
         """Run the prompts once; the first token of every choice is scored off the last position,
         the rest by continuing each (prompt, choice) pair from the prompt's KV cache."""
-        ids, mask = left_pad(prompts, self.tokenizer.pad_token_id, self.device)
-        pos = position_ids(mask)
-        res = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        first = torch.log_softmax(res.logits[:, -1, :].float(), dim=-1)
+        last_logits, cache, mask = self._prefill(prompts, prefix)
+        first = torch.log_softmax(last_logits.float(), dim=-1)
         tails: list[tuple[int, int]] = []
         for i, cs in enumerate(choices):
             for j, c in enumerate(cs):
@@ -349,7 +522,6 @@ class HFEngine:
         if not tails:
             return
         rows = torch.tensor([i for i, _ in tails], device=self.device)
-        cache = res.past_key_values
         cache.batch_select_indices(rows)
         conts = [choices[i][j] for i, j in tails]
         width = max(len(c) for c in conts) - 1

@@ -4,7 +4,8 @@ Text engines return strings; PPO needs the exact sampled token ids and where eac
 because re-tokenizing decoded text does not always give back the same ids. This sampler runs the
 in-memory policy with a KV cache, left-padded prompts and explicit position ids, and draws each
 row from its own seeded generator, so a row's response depends only on (prompt, seed, weights) and
-a resumed run samples exactly what the uninterrupted run sampled.
+a resumed run samples exactly what the uninterrupted run sampled. Rows that have ended leave the
+batch (and the KV cache), so a few long responses do not keep the whole batch busy.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Any
 
 import torch
 
-from cai.engines.base import FinishReason
+from cai.engines.base import FinishReason, SamplingConfig
+from cai.engines.hf import end_token_ids, left_pad, position_ids, sample_rows
 
 
 @dataclass
@@ -39,40 +41,18 @@ class Rollout:
         return torch.tensor([r != "length" for r in self.finish_reasons])
 
 
-def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Every id that ends a turn: the tokenizer's EOS plus the generation config's (e.g. end-of-turn)."""
-    ids = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif gen_eos:
-        ids.update(gen_eos)
-    return {i for i in ids if i is not None}
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, width - len(p):] = 1
-    return ids, mask
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that start at 0 on each row's first real token, whatever the left padding."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
 class PolicySampler:
-    """Temperature sampling from an in-memory causal LM, returning token-level rollouts."""
+    """Temperature sampling from an in-memory causal LM, returning token-level rollouts.
+
+    A response ends at an end token (EOS, the generation config's EOS ids, a chat template's
+    end-of-turn token) or when its decoded text contains one of `stop` (the HH format's next turn).
+    """
 
     def __init__(self, model: Any, tokenizer: Any, stop: tuple[str, ...] = ()):
         self.model = model
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
-        self.stop_ids = stop_token_ids(model, tokenizer)
+        self.stop_ids = end_token_ids(tokenizer, model)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         # a stop string spans at most this many tokens (each token decodes to >= 1 character)
         self._tail = max((len(s) for s in self.stop), default=0) + 2
@@ -96,44 +76,47 @@ class PolicySampler:
     ) -> Rollout:
         """Sample one response per prompt (token ids); row i draws from a generator seeded by seeds[i]."""
         device = next(self.model.parameters()).device
-        query, query_mask = left_pad(prompts, self.pad_id)
-        query, query_mask = query.to(device), query_mask.to(device)
-        gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+        sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
+        query, query_mask = left_pad(prompts, self.pad_id, torch.device("cpu"))
+        gens = [torch.Generator().manual_seed(int(s)) for s in seeds]  # CPU: the same stream on any device
         B = len(prompts)
-        attention = query_mask
-        positions = position_ids(query_mask)
-        inputs, past = query, None
+        inputs, attention = query.to(device), query_mask.to(device)
+        positions = position_ids(attention)
+        past = None
+        active = list(range(B))  # rows still generating, in cache order
         out_tokens: list[list[int]] = [[] for _ in range(B)]
         reasons: list[FinishReason | None] = [None] * B
         was_training = self.model.training
         self.model.eval()
-        for _ in range(max_new_tokens):
-            out = self.model(
-                input_ids=inputs, attention_mask=attention, position_ids=positions,
-                past_key_values=past, use_cache=True, logits_to_keep=1,
-            )
-            past = out.past_key_values
-            logits = out.logits[:, -1, :].float()
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.cat([torch.multinomial(probs[i], 1, generator=gens[i]) for i in range(B)])
-            else:
-                nxt = logits.argmax(-1)
-            for i, tok in enumerate(nxt.tolist()):
-                if reasons[i] is not None:
-                    nxt[i] = self.pad_id
-                    continue
-                out_tokens[i].append(tok)
-                if tok in self.stop_ids:
-                    reasons[i] = "eos"
-                elif self.stop and self._stop_hit(out_tokens[i]):
-                    reasons[i] = "stop"
-            if all(r is not None for r in reasons):
-                break
-            inputs = nxt.unsqueeze(1)
-            attention = torch.cat([attention, torch.ones_like(inputs)], dim=1)
-            positions = positions[:, -1:] + 1
-        self.model.train(was_training)
+        try:
+            for _ in range(max_new_tokens):
+                out = self.model(
+                    input_ids=inputs, attention_mask=attention, position_ids=positions,
+                    past_key_values=past, use_cache=True, logits_to_keep=1,
+                )
+                past = out.past_key_values
+                nxt = sample_rows(out.logits[:, -1, :], sampling, [gens[i] for i in active])
+                keep = []
+                for j, (i, tok) in enumerate(zip(active, nxt.tolist())):
+                    out_tokens[i].append(tok)
+                    if tok in self.stop_ids:
+                        reasons[i] = "eos"
+                    elif self.stop and self._stop_hit(out_tokens[i]):
+                        reasons[i] = "stop"
+                    else:
+                        keep.append(j)
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    sel = torch.tensor(keep, device=device)
+                    past.batch_select_indices(sel)
+                    attention, positions, nxt = attention[sel], positions[sel], nxt[sel]
+                    active = [active[j] for j in keep]
+                inputs = nxt.unsqueeze(1)
+                attention = torch.cat([attention, torch.ones_like(inputs)], dim=1)
+                positions = positions[:, -1:] + 1
+        finally:
+            self.model.train(was_training)
         final: list[FinishReason] = [r or "length" for r in reasons]
         R = max(len(t) for t in out_tokens)
         response = torch.full((B, R), self.pad_id, dtype=torch.long)
@@ -141,6 +124,6 @@ class PolicySampler:
             response[i, :len(t)] = torch.tensor(t, dtype=torch.long)
         ended_at = torch.tensor([len(t) - 1 for t in out_tokens])
         return Rollout(
-            query=query.cpu(), query_mask=query_mask.cpu(), response=response, ended_at=ended_at,
+            query=query, query_mask=query_mask, response=response, ended_at=ended_at,
             finish_reasons=final, texts=[self._text(t, r) for t, r in zip(out_tokens, final)],
         )

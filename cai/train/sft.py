@@ -6,21 +6,49 @@ harmful, model replies, which is exactly what SL-CAI must not imitate. The promp
 way generation renders it (the tokenizer's chat template, else the HH transcript format), and
 the prompt and the response are tokenized separately, so the model learns the token boundary it
 will actually see when it continues a prompt at sampling time.
+
+Training (`run_sft`, `cai train sft`) uses the shared plumbing of cai.train.common (config,
+optimizer, schedule, checkpoints, exact resume, metrics, accelerate). The language-model head runs
+only at positions that predict a labelled token: with a 262k vocabulary (Gemma) the head costs more
+than the transformer body per token, and prompt positions carry no loss anyway.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cai.conversation import Message, to_hh
 from cai.errors import CaiError, InputError
+from cai.train.common import (
+    FINAL,
+    BatchStream,
+    Checkpointer,
+    Loop,
+    MetricsLogger,
+    TrainConfig,
+    TrainState,
+    build_optimizer,
+    build_scheduler,
+    dist_info,
+    epoch_order,
+    fit,
+    make_accelerator,
+    plot_curves,
+    prepare_model,
+    resume_point,
+    save_pretrained,
+    seed_everything,
+    total_steps,
+    write_json,
+)
 
 IGNORE = -100  # label of tokens that carry no loss
 
@@ -120,8 +148,7 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield i, row
+        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
         return
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -237,3 +264,191 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
         reduction="sum",
     )
     return total / max(n, 1), n
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor | None]) -> tuple[torch.Tensor, int]:
+    """`sft_loss` of a collated batch, with the LM head run only where it predicts a labelled token
+    (the union over the batch's rows of positions t whose label t + 1 is set)."""
+    labels = batch["labels"]
+    assert labels is not None
+    keep = (labels[:, 1:] != IGNORE).any(0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return torch.zeros((), device=labels.device, requires_grad=True), 0
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+        logits_to_keep=keep, use_cache=False,
+    ).logits
+    targets = labels[:, keep + 1]
+    n = int((targets != IGNORE).sum())
+    total = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return total / max(n, 1), n
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+class SFTConfig(TrainConfig):
+    """`cai train sft` config: the shared TrainConfig fields plus data settings."""
+
+    train_file: str = Field(description="critique-revise output (`cai generate`) or rows with `messages`")
+    test_file: str | None = Field(None, description="held-out rows in the same formats")
+    test_size: float = Field(0.0, ge=0.0, lt=1.0, description="hold out this share of train_file (no test_file)")
+    max_length: int = Field(512, ge=8, description="tokens per example; longer responses are cut on the right")
+    packing: bool = Field(False, description="pack several examples into rows of max_length tokens")
+    group_by_length: bool = Field(True, description="batch examples of similar length together (no packing)")
+    eval_batch_size: int = Field(8, ge=1)
+    limit_train: int | None = Field(None, ge=1, description="use only the first N training rows")
+
+    @model_validator(mode="after")
+    def _split(self) -> SFTConfig:
+        if self.test_file is not None and self.test_size > 0:
+            raise ValueError("set test_file or test_size, not both")
+        return self
+
+
+class SFTSummary(BaseModel):
+    model: str
+    steps: int
+    samples: int
+    train_examples: int
+    test_examples: int
+    skipped_empty: int = Field(description="rows with an empty response")
+    skipped_long_prompt: int = Field(description="examples whose prompt alone fills max_length")
+    train_rows: int = Field(description="rows per epoch (packed rows when packing)")
+    train_tokens: int = Field(description="response (loss) tokens per epoch")
+    wall_s: float
+    train_samples_per_s: float
+    test_loss_before: float | None
+    test_loss_after: float | None
+    final_dir: str
+
+    def render(self) -> str:
+        lines = [(f"SFT: {self.steps} steps, {self.samples} rows seen, {self.train_examples} train examples "
+                 f"({self.train_rows} rows, {self.train_tokens} response tokens per epoch), {self.wall_s:.1f}s, "
+                 f"{self.train_samples_per_s:.2f} rows/s")]
+        if self.skipped_empty or self.skipped_long_prompt:
+            lines.append(f"skipped: {self.skipped_empty} empty responses, {self.skipped_long_prompt} prompts over max_length")
+        if self.test_loss_after is not None:
+            before = f"{self.test_loss_before:.4f} -> " if self.test_loss_before is not None else ""
+            lines.append(f"test loss ({self.test_examples} examples): {before}{self.test_loss_after:.4f}")
+        lines.append(f"final model: {self.final_dir}")
+        return "\n".join(lines)
+
+
+def _split_examples(config: SFTConfig) -> tuple[list[SFTExample], list[SFTExample], int]:
+    train, empty = load_examples(config.train_file)
+    train = train[: config.limit_train]
+    if config.test_file is not None:
+        test, more = load_examples(config.test_file)
+        return train, test, empty + more
+    if config.test_size > 0:
+        order = epoch_order(len(train), config.seed, -1)
+        n_test = max(1, round(config.test_size * len(train)))
+        if n_test >= len(train):
+            raise CaiError(f"test_size {config.test_size} leaves no training rows out of {len(train)}")
+        held = set(order[:n_test])
+        return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)], empty
+    return train, [], empty
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, rows: list[list[Tokenized]], pad_id: int, accelerator: Any,
+                  batch_size: int) -> float:
+    """Token-weighted mean loss over all rows (split across processes, gathered)."""
+    from accelerate.utils import gather_object
+
+    rank, world = dist_info(accelerator)
+    mine = sorted(range(rank, len(rows), world), key=lambda i: -sum(len(e.input_ids) for e in rows[i]))
+    sums: list[tuple[float, int]] = []
+    for start in range(0, len(mine), batch_size):
+        batch = _to(collate([rows[i] for i in mine[start:start + batch_size]], pad_id), accelerator.device)
+        loss, n = lm_loss(model, batch)
+        sums.append((float(loss) * n, n))
+    if world > 1:
+        sums = gather_object(sums)
+    total = sum(n for _, n in sums)
+    return sum(s for s, _ in sums) / max(total, 1)
+
+
+def _to(batch: dict[str, torch.Tensor | None], device: torch.device) -> dict[str, torch.Tensor | None]:
+    return {k: None if v is None else v.to(device) for k, v in batch.items()}
+
+
+def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = None) -> SFTSummary:
+    """Fine-tune (or resume) a causal LM on the final assistant turns; writes metrics.jsonl, tb/,
+    curves.png, checkpoints/, final/ and summary.json into config.out_dir."""
+    from cai.engines.hf import ensure_pad_token, load_pretrained
+
+    start = time.perf_counter()
+    out = Path(config.out_dir)
+    last = resume_point(out, resume)
+    acc = make_accelerator(config)
+    rank, world = dist_info(acc)
+    seed_everything(config.seed)
+    train_ex, test_ex, empty = _split_examples(config)  # before the model: a bad file fails in a second
+    model_path = config.model_path()
+    tokenizer, model = load_pretrained(model_path, torch.float32)
+    ensure_pad_token(tokenizer, model)
+    prepare_model(model, config)
+    tokenized = [tokenize_example(tokenizer, e, config.max_length) for e in train_ex]
+    train_tok = [t for t in tokenized if t is not None]
+    test_tok = [t for t in (tokenize_example(tokenizer, e, config.max_length) for e in test_ex) if t is not None]
+    if not train_tok:
+        raise CaiError(f"{config.train_file}: every prompt is longer than max_length {config.max_length}")
+    rows = pack(train_tok, config.max_length) if config.packing else [[t] for t in train_tok]
+    test_rows = [[t] for t in test_tok]
+
+    model = acc.prepare(model)
+    optimizer = acc.prepare(build_optimizer(model, config))
+    lengths = [sum(len(e.input_ids) for e in r) for r in rows] if config.group_by_length and not config.packing else None
+    stream = BatchStream(len(rows), config.batch_size, config.seed, rank, world, lengths)
+    steps = total_steps(config, stream.per_epoch)
+    scheduler = build_scheduler(optimizer, config, steps)
+    checkpointer = Checkpointer(out, acc, config.keep_checkpoints)
+    state = TrainState()
+    if last is not None:
+        state = checkpointer.restore(last, model, {"optimizer": optimizer, "scheduler": scheduler})
+        if acc.is_main_process:
+            print(f"resuming from {last} (step {state.step} of {steps})")
+    logger = MetricsLogger(out, enabled=acc.is_main_process, resume_step=state.step if last else None)
+    pad_id = tokenizer.pad_token_id
+
+    def loss_fn(m: torch.nn.Module, idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, n = lm_loss(m, _to(collate([rows[i] for i in idx], pad_id), acc.device))
+        return loss, {"tokens": float(n)}
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        loss = evaluate_loss(m, test_rows, pad_id, acc, config.eval_batch_size)
+        return {"loss": loss, "perplexity": float(torch.exp(torch.tensor(min(loss, 50.0))))}
+
+    try:
+        if test_rows and state.step == 0:  # the starting point, kept in checkpoints for the summary
+            model.eval()
+            first = evaluate(model)
+            state.extra["test_loss_before"] = first["loss"]
+            logger.log(0, "eval", first)
+        loop = Loop(accelerator=acc, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                    stream=stream, total_steps=steps, checkpointer=checkpointer, logger=logger, state=state)
+        state = fit(config, loop, loss_fn, evaluate if test_rows else None, stop_after=stop_after)
+    finally:
+        logger.close()
+    if state.step < steps:  # stopped early on purpose (stop_after)
+        raise CaiError(f"stopped after step {state.step} of {steps}; rerun with --resume to continue")
+    model.eval()
+    after = evaluate(model)["loss"] if test_rows else None
+    save_pretrained(acc, model, out / FINAL, tokenizer)
+    if config.plot and acc.is_main_process:
+        plot_curves(out / "metrics.jsonl", out / "curves.png", [("train", "loss"), ("eval", "loss")])
+    summary = SFTSummary(
+        model=model_path if config.model else "gemma-3-270m (bundled)", steps=state.step, samples=state.samples,
+        train_examples=len(train_tok), test_examples=len(test_tok), skipped_empty=empty,
+        skipped_long_prompt=len(tokenized) - len(train_tok), train_rows=len(rows),
+        train_tokens=sum(sum(x != IGNORE for x in e.labels) for e in train_tok),
+        wall_s=time.perf_counter() - start, train_samples_per_s=state.samples / max(state.elapsed_s, 1e-9),
+        test_loss_before=state.extra.get("test_loss_before"), test_loss_after=after, final_dir=str(out / FINAL),
+    )
+    if acc.is_main_process:
+        write_json(out / "summary.json", summary)
+    return summary

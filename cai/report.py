@@ -1,0 +1,505 @@
+"""`cai report RUN_DIR`: one self-contained HTML page about a pipeline run.
+
+The page opens anywhere without a network: CSS is inline, figures are PNG data URIs, there is no
+script. Every piece of text from the run (prompts, model outputs, principle ids, paths) is
+escaped. A stage that has not run yet (or was interrupted) still gets its section, saying so, so
+the page can be rendered at any point of a run.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from cai import __version__
+from cai.errors import CaiError
+from cai.pipeline import LAYOUT, LOG, RESOLVED, STAGES, RunLog
+
+R = TypeVar("R", bound=BaseModel)
+SECTIONS = ("summary", "principles", "samples", "labels", "reward-model", "sft", "ppo", "before-after")
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+# ---------------------------------------------------------------- reading a run
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _rows(path: Path, model: type[R]) -> list[R]:
+    """The valid rows of a JSONL output; a torn or foreign line (an interrupted run) is left out."""
+    out: list[R] = []
+    if not path.is_file():
+        return out
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                out.append(model.model_validate_json(line))
+            except ValidationError:
+                continue
+    return out
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    from cai.train.common import read_metrics
+
+    try:
+        return read_metrics(path)
+    except ValueError:
+        return []
+
+
+class Run:
+    """The files of one run directory, read once."""
+
+    def __init__(self, run_dir: Path):
+        from cai.records import SFTRecord
+        from cai.stages.label import LabelRecord
+
+        self.dir = run_dir
+        self.log = RunLog.model_validate(_json(run_dir / LOG) or {})
+        self.resolved = _json(run_dir / RESOLVED) or {}
+        gen = run_dir / LAYOUT["generate"]
+        lab = run_dir / LAYOUT["label"]
+        self.sft_rows = _rows(gen, SFTRecord)
+        self.gen_summary = _json(Path(f"{gen}.summary.json"))
+        self.labels = _rows(lab, LabelRecord)
+        self.label_summary = _json(Path(f"{lab}.metrics.json"))
+        self.eval_summary = _json(run_dir / LAYOUT["label_eval"] / "metrics.json")
+        self.mix = _json(run_dir / LAYOUT["mix"] / "mix.json")
+        self.trained = {name: _json(run_dir / LAYOUT[name] / "summary.json") for name in ("rm", "sft", "ppo")}
+        self.compare = _json(run_dir / LAYOUT["compare"] / "summary.json")
+
+    def status(self, name: str) -> str:
+        """done, partial (started or interrupted) or missing."""
+        rec = self.log.stages.get(name)
+        if rec is not None:
+            return "done" if rec.status == "done" else "partial"
+        return "partial" if (self.dir / LAYOUT[name]).exists() else "missing"
+
+    def wall(self, name: str) -> float | None:
+        rec = self.log.stages.get(name)
+        return rec.wall_s if rec is not None else None
+
+
+# ---------------------------------------------------------------- html pieces
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _png_file(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _figure(uri: str, alt: str, caption: str) -> str:
+    return f'<figure><img src="{uri}" alt="{esc(alt)}"><figcaption>{esc(caption)}</figcaption></figure>'
+
+
+def _table(head: list[str], rows: Iterable[list[Any]], numeric: Iterable[int] = ()) -> str:
+    num = set(numeric)
+    th = "".join(f'<th class="num">{esc(h)}</th>' if i in num else f"<th>{esc(h)}</th>" for i, h in enumerate(head))
+    body = "".join(
+        "<tr>" + "".join(f'<td class="num">{esc(c)}</td>' if i in num else f"<td>{esc(c)}</td>"
+                         for i, c in enumerate(r)) + "</tr>"
+        for r in rows
+    )
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _missing(what: str, stage: str) -> str:
+    return (f'<p class="missing-note">{esc(what)}: the {esc(stage)} stage has not run yet (or was interrupted). '
+            f"Rerun <code>cai run PIPELINE.yaml</code> to produce it, then render this report again.</p>")
+
+
+def _section(sid: str, title: str, body: str) -> str:
+    return f'<section id="{sid}"><h2>{esc(title)}</h2>{body}</section>'
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _curves(metrics_path: Path, wanted: list[tuple[str, list[str]]]) -> str | None:
+    """A curves figure of the first available key of each (split, candidate keys) panel."""
+    from cai.train.common import plot_curves
+
+    rows = _metrics(metrics_path)
+    panels = []
+    for split, keys in wanted:
+        have = {k for r in rows if r.get("split") == split for k, v in r.items() if isinstance(v, (int, float))}
+        hit = next((k for k in keys if k in have), None)
+        if hit is not None:
+            panels.append((split, hit))
+    if not panels:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_curves(metrics_path, Path(tmp) / "curves.png", panels)
+        return _png_file(png) if png is not None else None
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _stage_row(run: Run, name: str) -> list[Any]:
+    s = {"generate": run.gen_summary, "label": run.label_summary, "label_eval": run.eval_summary,
+         "mix": run.mix}.get(name) or run.trained.get(name) or {}
+    rows: Any = "—"
+    tokens: Any = "—"
+    notes: list[str] = []
+    if name == "generate" and s:
+        rows, tokens = s.get("rows_total"), s.get("generated_tokens")
+        flags = s.get("flags") or {}
+        notes.append("flags: " + (", ".join(f"{k} {v}" for k, v in flags.items()) or "none"))
+        notes.append(f"{s.get('tokens_per_second', 0):.1f} tok/s")
+    elif name == "label" and s:
+        rows = s.get("rows_total")
+        m = s.get("metrics") or {}
+        notes.append(f"position-bias rate {_fmt(m.get('position_bias_rate'))}")
+        notes.append(f"{s.get('identical_skipped', 0)} identical pairs skipped")
+    elif name == "label_eval" and s:
+        rows = s.get("rows_total")
+        m = s.get("metrics") or {}
+        notes.append(f"agreement with humans {_fmt(m.get('agreement'))}, ECE {_fmt(m.get('ece'))}")
+    elif name == "mix" and s:
+        counts = s.get("counts") or {}
+        rows = sum(sum(v.values()) for v in counts.values())
+        notes += [f"{split}: " + ", ".join(f"{k} {v}" for k, v in by.items()) for split, by in counts.items()]
+        if s.get("malformed_skipped"):
+            notes.append(f"{s['malformed_skipped']} malformed human rows skipped")
+    elif name == "compare" and run.compare:
+        c = run.compare
+        rows = c["prompts"]
+        notes.append(f"mean RM score {c['before_mean_score']:+.3f} before, {c['after_mean_score']:+.3f} after PPO; "
+                     f"PPO wins {c['after_wins']:.2f}")
+    elif name in ("rm", "sft", "ppo") and s:
+        rows = s.get("train_pairs", s.get("train_examples", s.get("episodes", "—")))
+        notes.append(f"{s.get('steps', '?')} steps")
+        test = s.get("test") or {}
+        if isinstance(test, dict) and "overall" in test:
+            notes.append(f"test accuracy {_fmt(test['overall'].get('accuracy'))}")
+        if "score_start" in s:
+            notes.append(f"score {_fmt(s['score_start'])} -> {_fmt(s['score_end'])}, KL {_fmt(s['kl_end'])}")
+        if s.get("test_loss_after") is not None:
+            notes.append(f"test loss {_fmt(s.get('test_loss_before'))} -> {_fmt(s['test_loss_after'])}")
+    wall = run.wall(name)
+    status = run.status(name)
+    return [name, status, rows, tokens, "—" if wall is None else f"{wall:.1f}s", "; ".join(notes)]
+
+
+def summary_section(run: Run) -> str:
+    names = [s.name for s in STAGES]
+    rows = [_stage_row(run, n) for n in names]
+    head = ["stage", "status", "rows", "tokens", "wall time", "notes"]
+    body = []
+    for r in rows:
+        cls = {"done": "done", "partial": "partial"}.get(r[1], "missing")
+        label = {"done": "done", "partial": "partial", "missing": "not run"}[r[1]]
+        body.append(
+            f'<tr><td>{esc(r[0])}</td><td><span class="status {cls}">{label}</span></td>'
+            f'<td class="num">{esc(r[2])}</td><td class="num">{esc(r[3])}</td><td class="num">{esc(r[4])}</td>'
+            f"<td>{esc(r[5])}</td></tr>"
+        )
+    total = sum(w for w in (run.wall(n) for n in names) if w is not None)
+    th = "".join(f'<th class="num">{esc(h)}</th>' if i in (2, 3, 4) else f"<th>{esc(h)}</th>"
+                 for i, h in enumerate(head))
+    table = f"<table><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    note = f"<p>Total wall time of the stages that ran: {total:.1f}s (summed over resumed attempts).</p>"
+    return _section("summary", "Stages", table + note)
+
+
+def _bars(counts: dict[str, float], fmt: str = "{:.0f}") -> str:
+    top = max(counts.values(), default=0) or 1
+    rows = "".join(
+        f'<tr><td>{esc(k)}</td><td class="num">{esc(fmt.format(v))}</td>'
+        f'<td><div class="bar"><span style="width:{100 * v / top:.1f}%"></span></div></td></tr>'
+        for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
+    return f'<table><thead><tr><th>principle</th><th class="num">count</th><th>share</th></tr></thead><tbody>{rows}</tbody></table>'
+
+
+def principles_section(run: Run) -> str:
+    body = "<h3>Critique-revise: rounds per principle</h3>"
+    counts: dict[str, int] = defaultdict(int)
+    for r in run.sft_rows:
+        for step in r.steps:
+            counts[step.principle_id] += 1
+    body += _bars(dict(counts)) if counts else _missing("principle usage", "generate")
+    body += "<h3>AI feedback: judgements per principle</h3>"
+    per: dict[str, list[tuple[float, bool]]] = defaultdict(list)
+    for rec in run.labels:
+        for p in rec.principles:
+            per[p.principle_id].append((p.p, p.position_consistent))
+    if per:
+        rows = [[k, len(v), _fmt(sum(1 - p for p, _ in v) / len(v)), _fmt(sum(c for _, c in v) / len(v))]
+                for k, v in sorted(per.items(), key=lambda kv: -len(kv[1]))]
+        body += ("<p>For critique-revise pairs, response A is the initial response and B the final revision, so "
+                 "P(B better) is how strongly the labeler prefers the revision.</p>")
+        body += _table(["principle", "judgements", "mean P(B better)", "order-consistent"], rows, (1, 2, 3))
+    else:
+        body += _missing("feedback principles", "label")
+    return _section("principles", "Principle usage", body)
+
+
+def samples_section(run: Run, n: int) -> str:
+    if not run.sft_rows:
+        return _section("samples", "Critique-revise samples", _missing("samples", "generate"))
+    by_source = {r.source_id: r for r in run.labels if r.source_id}
+    cards = []
+    for r in sorted(run.sft_rows, key=lambda r: r.source_index)[:n]:
+        prompt = "".join(f"<p class=\"text\"><b>{esc(m.role)}:</b> {esc(m.content)}</p>" for m in r.prompt)
+        flags = "".join(f'<span class="badge">{esc(k)}</span>' for k in r.flags.kinds())
+        cols = [f'<div class="step"><h4>initial response</h4><pre class="text">{esc(r.initial_response)}</pre></div>']
+        for i, s in enumerate(r.steps, start=1):
+            cols.append(
+                f'<div class="step"><h4>round {i} · {esc(s.principle_id)}</h4>'
+                f'<div class="label">critique</div><pre class="text critique">{esc(s.critique)}</pre>'
+                f'<div class="label">revision</div><pre class="text">{esc(s.revision)}</pre></div>'
+            )
+        lab = by_source.get(r.id)
+        verdict = "" if lab is None else (
+            f'<div class="label">labeler: P(revision better) = {1 - lab.label_prob:.3f}</div>')
+        cols.append(f'<div class="step final"><h4>final response</h4><pre class="text">{esc(r.final_response)}'
+                    f"</pre>{verdict}</div>")
+        cards.append(f'<div class="sample"><div class="prompt">{prompt}{flags}</div>'
+                     f'<div class="steps">{"".join(cols)}</div></div>')
+    intro = f"<p>{min(n, len(run.sft_rows))} of {len(run.sft_rows)} prompts, each round left to right.</p>"
+    return _section("samples", "Critique-revise samples", intro + "".join(cards))
+
+
+def _label_figures(run: Run) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figs = []
+    probs = [1 - r.label_prob for r in run.labels]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.hist(probs, bins=10, range=(0, 1), edgecolor="black")
+    ax.set_xlabel("P(revision better)")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"{len(probs)} pairs, mean {sum(probs) / len(probs):.3f}")
+    fig.tight_layout()
+    figs.append(_figure(_png(fig), "histogram of label probabilities",
+                        "Soft labels of initial vs revised responses: mass right of 0.5 means the labeler "
+                        "prefers the revisions."))
+    orders = [(p.p_ab, p.p_ba) for r in run.labels for p in r.principles]
+    flips = [(a, b) for a, b in orders if (a > 0.5) != (b > 0.5) and a != 0.5 and b != 0.5]
+    fig, ax = plt.subplots(figsize=(4.4, 4.2))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey")
+    ax.axhline(0.5, color="lightgrey", linewidth=0.8)
+    ax.axvline(0.5, color="lightgrey", linewidth=0.8)
+    ax.scatter([a for a, _ in orders], [b for _, b in orders], s=14, alpha=0.7, label="same verdict")
+    if flips:
+        ax.scatter([a for a, _ in flips], [b for _, b in flips], s=14, color="crimson", label="verdict flips")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("P(A better), A shown first")
+    ax.set_ylabel("P(A better), B shown first")
+    rate = run.label_summary["metrics"]["position_bias_rate"] if run.label_summary else len(flips) / max(len(orders), 1)
+    ax.set_title(f"position-bias rate {rate:.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    figs.append(_figure(_png(fig), "position bias scatter",
+                        "Each judgement asked in both orders. On the diagonal the order did not matter; in the "
+                        "upper-left and lower-right quadrants (red) the verdict followed the slot, not the response."))
+    return figs
+
+
+def labels_section(run: Run) -> str:
+    body = ""
+    if run.labels:
+        m = (run.label_summary or {}).get("metrics") or {}
+        body += _table(["pairs", "judgements", "position-bias rate", "consistent pairs", "mean confidence",
+                        "principle agreement"],
+                       [[m.get("pairs", len(run.labels)), m.get("judgements"), _fmt(m.get("position_bias_rate")),
+                         _fmt(m.get("position_consistent_pairs")), _fmt(m.get("mean_confidence")),
+                         _fmt(m.get("principle_agreement"))]], range(6))
+        body += f'<div class="figs">{"".join(_label_figures(run))}</div>'
+    else:
+        body += _missing("AI feedback labels", "label")
+    body += "<h3>Calibration against human labels</h3>"
+    ev = run.eval_summary
+    if ev:
+        from cai.stages.label_metrics import CalibrationBin, plot_calibration
+
+        m = ev["metrics"]
+        bins = [CalibrationBin.model_validate(b) for b in m["bins"]]
+        with tempfile.TemporaryDirectory() as tmp:
+            uri = _png_file(plot_calibration(bins, Path(tmp) / "cal.png", f"{ev['rows_total']} human pairs"))
+        body += _table(["human pairs", "agreement", "ECE", "position-bias rate"],
+                       [[ev["rows_total"], _fmt(m["agreement"]), _fmt(m["ece"]),
+                         _fmt(m["labels"]["position_bias_rate"])]], range(4))
+        body += _figure(uri, "calibration reliability diagram",
+                        "Reliability diagram: predicted P(A better) against how often the human preferred A "
+                        "(the human's pick is put in slot A or B by a seeded coin).")
+    elif run.status("label_eval") == "missing" and "label_eval" not in (run.resolved.get("stages") or {}):
+        body += ('<p class="missing-note">Not measured: add a <code>label_eval</code> section with human-labelled '
+                 "pairs to the pipeline YAML to see the labeler's agreement with humans and its calibration.</p>")
+    else:
+        body += _missing("calibration", "label_eval")
+    return _section("labels", "AI feedback labels", body)
+
+
+def reward_section(run: Run) -> str:
+    s = run.trained["rm"]
+    rm_dir = run.dir / LAYOUT["rm"]
+    if not s:
+        return _section("reward-model", "Reward model", _missing("reward-model curves", "rm"))
+    body = ""
+    test = s.get("test")
+    if test:
+        rows = [["all", test["overall"]["pairs"], _fmt(test["overall"]["accuracy"]), _fmt(test["overall"]["loss"])]]
+        rows += [[k, v["pairs"], _fmt(v["accuracy"]), _fmt(v["loss"])] for k, v in test["per_source"].items()]
+        body += _table(["test source", "pairs", "accuracy", "loss"], rows, (1, 2, 3))
+        body += (f"<p>{s['steps']} steps on {s['train_pairs']} pairs in {s['wall_s']:.1f}s; test ECE "
+                 f"{_fmt(test.get('ece'))}; reward mean {_fmt(s['reward_mean'])}, std {_fmt(s['reward_std'])} "
+                 "(stored with the model so PPO reads normalised scores).</p>")
+    uri = _curves(rm_dir / "metrics.jsonl", [("train", ["loss"]), ("train", ["accuracy"]), ("eval", ["loss"]),
+                                              ("eval", ["accuracy"])])
+    body += _figure(uri, "reward model curves", "Bradley-Terry loss and pair accuracy, train and held-out test.") \
+        if uri else '<p class="missing-note">No metrics logged.</p>'
+    return _section("reward-model", "Reward model", body)
+
+
+def sft_section(run: Run) -> str:
+    s = run.trained["sft"]
+    if not s:
+        return _section("sft", "Supervised fine-tuning (SL-CAI)", _missing("SFT curves", "sft"))
+    uri = _curves(run.dir / LAYOUT["sft"] / "metrics.jsonl", [("train", ["loss"]), ("eval", ["loss"])])
+    body = _table(["steps", "train examples", "response tokens / epoch", "test examples", "test loss before",
+                   "test loss after", "wall time"],
+                  [[s.get("steps"), s.get("train_examples"), s.get("train_tokens"), s.get("test_examples"),
+                    _fmt(s.get("test_loss_before")), _fmt(s.get("test_loss_after")), f"{s.get('wall_s', 0):.1f}s"]],
+                  range(7))
+    if s.get("skipped_empty") or s.get("skipped_long_prompt"):
+        body += (f"<p>Skipped: {esc(s.get('skipped_empty'))} empty responses, {esc(s.get('skipped_long_prompt'))} "
+                 "prompts longer than max_length.</p>")
+    body += _figure(uri, "SFT curves", "Loss on the final revised responses (prompt tokens carry no loss).") \
+        if uri else '<p class="missing-note">No metrics logged.</p>'
+    return _section("sft", "Supervised fine-tuning (SL-CAI)", body)
+
+
+PPO_PANELS = [
+    ("train", ["score", "reward/score", "rm_score", "reward"]),
+    ("train", ["kl", "objective/kl", "kl_ref"]),
+    ("train", ["entropy", "policy/entropy"]),
+    ("train", ["response_length", "length", "mean_length"]),
+]
+
+
+def ppo_section(run: Run) -> str:
+    s = run.trained["ppo"]
+    if not s:
+        return _section("ppo", "PPO (RL-CAI)", _missing("PPO curves", "ppo"))
+    uri = _curves(run.dir / LAYOUT["ppo"] / "metrics.jsonl", PPO_PANELS)
+    body = _table(["steps", "episodes", "score (first → last steps)", "KL to reference", "response tokens",
+                   "generated tokens/s", "wall time"],
+                  [[s.get("steps"), s.get("episodes"), f"{_fmt(s.get('score_start'))} → {_fmt(s.get('score_end'))}",
+                    f"{_fmt(s.get('kl_start'))} → {_fmt(s.get('kl_end'))}",
+                    f"{_fmt(s.get('response_length_start'), 1)} → {_fmt(s.get('response_length_end'), 1)}",
+                    _fmt(s.get("tokens_per_s"), 1), f"{s.get('wall_s', 0):.1f}s"]], (0, 1, 5, 6))
+    share = s.get("time_share") or {}
+    if share:
+        body += "<p>Step time: " + esc(", ".join(f"{k} {v:.0%}" for k, v in share.items())) + ".</p>"
+    mix = s.get("prompt_mix") or {}
+    if mix:
+        body += "<p>Prompts per step: " + esc(", ".join(f"{k} {v}" for k, v in mix.items())) + ".</p>"
+    body += _figure(uri, "PPO curves", "Reward-model score, KL to the reference policy, entropy and response "
+                    "length per step: a score that climbs while KL explodes or length runs away is reward hacking.") \
+        if uri else '<p class="missing-note">No metrics logged.</p>'
+    return _section("ppo", "PPO (RL-CAI)", body)
+
+
+def before_after_section(run: Run, n: int) -> str:
+    from cai.pipeline import CompareRow
+
+    rows = _rows(run.dir / LAYOUT["compare"] / "samples.jsonl", CompareRow)
+    s = _json(run.dir / LAYOUT["compare"] / "summary.json")
+    if not rows or not s:
+        return _section("before-after", "Before and after PPO", _missing("before/after samples", "compare"))
+    body = _table(["held-out prompts", "mean score before", "mean score after", "PPO wins", "tokens before",
+                   "tokens after"],
+                  [[s["prompts"], _fmt(s["before_mean_score"]), _fmt(s["after_mean_score"]), _fmt(s["after_wins"]),
+                    _fmt(s["before_mean_tokens"], 1), _fmt(s["after_mean_tokens"], 1)]], range(6))
+    body += ("<p>Both policies answer the same held-out prompts (greedy unless configured otherwise); the reward "
+             "model scores each response (normalised: 0 is its average on the test pairs).</p>")
+    for r in rows[:n]:
+        prompt = "".join(f"<p class=\"text\"><b>{esc(m.role)}:</b> {esc(m.content)}</p>" for m in r.prompt)
+        sides = "".join(
+            f'<div><h4>{esc(title)}</h4><pre class="text">{esc(side.response)}</pre>'
+            f'<div class="score">reward {side.score:+.3f} · {side.tokens} tokens · {esc(side.finish)}</div></div>'
+            for title, side in (("before PPO (SFT policy)", r.before), ("after PPO", r.after))
+        )
+        body += f'<div class="sample"><div class="prompt">{prompt}</div><div class="pair">{sides}</div></div>'
+    return _section("before-after", "Before and after PPO", body)
+
+
+# ---------------------------------------------------------------- the page
+
+
+def render_report(run_dir: str | Path, samples: int = 4) -> str:
+    """The whole page as a string."""
+    d = Path(run_dir)
+    if not d.is_dir():
+        raise CaiError(f"{d} is not a directory; give the run_dir of a `cai run` pipeline")
+    run = Run(d)
+    css = resources.files("cai").joinpath("report.css").read_text(encoding="utf-8")
+    pipe = run.resolved.get("pipeline") or {}
+    model = pipe.get("model") or "gemma-3-270m (bundled)"
+    made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    nav = "".join(f'<a href="#{s}">{esc(s.replace("-", " "))}</a>' for s in SECTIONS)
+    parts = [
+        summary_section(run), principles_section(run), samples_section(run, samples), labels_section(run),
+        reward_section(run), sft_section(run), ppo_section(run), before_after_section(run, samples),
+    ]
+    config = esc(json.dumps(run.resolved, indent=2)) if run.resolved else "no config.json yet"
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>cai run report: {esc(d.name)}</title><style>{css}</style></head><body>"
+        f"<header><h1>Constitutional AI run: {esc(d.name)}</h1>"
+        f"<p>{esc(d)} · model {esc(model)} · seed {esc(pipe.get('seed', '—'))} · cai {esc(__version__)} · "
+        f"rendered {esc(made)}</p></header><nav>{nav}</nav><main>{''.join(parts)}"
+        f'<section id="config"><h2>Resolved configuration</h2><details><summary>every stage\'s settings</summary>'
+        f"<pre>{config}</pre></details></section></main></body></html>"
+    )
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None, samples: int = 4) -> Path:
+    """Render the page to `out` (default RUN_DIR/report.html)."""
+    target = Path(out) if out is not None else Path(run_dir) / "report.html"
+    page = render_report(run_dir, samples)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(page, encoding="utf-8")
+    return target

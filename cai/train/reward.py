@@ -1,0 +1,486 @@
+"""Reward-model trainer: a one-output sequence-classification head on a causal LM, trained with a
+Bradley-Terry loss on soft labels (AI feedback) and hard labels (human pairs).
+
+Each preference row becomes two token sequences, conversation + chosen and conversation +
+rejected, rendered the way the policy sees them (the tokenizer's chat template, else the HH
+transcript) and ended with EOS; the reward is the head's output at the last real token. Chosen and
+rejected rows of a batch go through the model in one forward pass, right-padded to the longest
+sequence of that batch. Over max_length the prompt is cut from the left (keeping BOS), so the
+final assistant turn, which is what the reward judges, always survives.
+
+After training the reward mean and std on the test pairs are stored in the model config
+(`cai_reward_mean`, `cai_reward_std`) so PPO can read normalised scores (mean 0, std 1).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cai.errors import CaiError, InputError
+from cai.stages.pairs import PreferenceRow
+from cai.store import read_records
+from cai.train.common import (
+    FINAL,
+    BatchStream,
+    Checkpointer,
+    Loop,
+    MetricsLogger,
+    TrainConfig,
+    TrainState,
+    build_optimizer,
+    build_scheduler,
+    dist_info,
+    fit,
+    make_accelerator,
+    plot_curves,
+    prepare_model,
+    resume_point,
+    save_pretrained,
+    seed_everything,
+    total_steps,
+    write_json,
+)
+from cai.train.sft import encode_prompt, render_completion, render_prompt
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_BINS = 10
+
+
+class RewardConfig(TrainConfig):
+    """`cai train rm` config: the shared TrainConfig fields plus data and loss settings."""
+
+    train_file: str = Field(description="preference rows (mix output train.jsonl)")
+    test_file: str | None = Field(None, description="held-out preference rows (mix output test.jsonl)")
+    max_length: int = Field(512, ge=8, description="tokens per sequence; the prompt is cut from the left")
+    margin: float = Field(0.0, ge=0.0, description="Bradley-Terry margin m (see bt_loss)")
+    center_coef: float = Field(0.0, ge=0.0, description="weight of the reward-centering term mean((r_c + r_r)^2)")
+    source_weights: dict[str, float] = Field(default_factory=dict, description="loss weight per source (default 1)")
+    group_by_length: bool = Field(True, description="batch pairs of similar length together (less padding)")
+    eval_batch_size: int = Field(16, ge=1)
+    limit_train: int | None = Field(None, ge=1, description="use only the first N training rows")
+    limit_test: int | None = Field(None, ge=1, description="use only the first N test rows")
+
+    @model_validator(mode="after")
+    def _weights(self) -> RewardConfig:
+        bad = {k: v for k, v in self.source_weights.items() if v < 0}
+        if bad:
+            raise ValueError(f"source_weights must be >= 0, got {bad}")
+        return self
+
+
+# ---------------------------------------------------------------- loss
+
+
+def bt_loss(
+    r_chosen: torch.Tensor,
+    r_rejected: torch.Tensor,
+    label_prob: torch.Tensor,
+    margin: float = 0.0,
+    center_coef: float = 0.0,
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bradley-Terry loss with soft labels, margin, reward centering and per-row weights.
+
+    With d = r_c - r_r, p = label_prob (probability that chosen is better), m = margin and w the
+    row weights (default 1), this returns (loss, per_row) where
+
+        per_row = -[ p * log sigmoid(d - m) + (1 - p) * log sigmoid(-d - m) ]
+        loss    = mean(w * per_row) + center_coef * mean((r_c + r_r)^2)
+
+    p = 1 gives the usual hard-label loss -log sigmoid(d - m). The weighted term is divided by the
+    number of rows, not by sum(w), so a source's weight scales its gradient even in a batch that
+    holds only that source. The centering term pulls the reward of each pair towards 0.
+    """
+    d = r_chosen.float() - r_rejected.float()
+    p = label_prob.float()
+    per_row = -(p * F.logsigmoid(d - margin) + (1 - p) * F.logsigmoid(-d - margin))
+    w = torch.ones_like(per_row) if weights is None else weights.float()
+    loss = (w * per_row).mean()
+    if center_coef:
+        loss = loss + center_coef * ((r_chosen.float() + r_rejected.float()) ** 2).mean()
+    return loss, per_row
+
+
+def pair_correct(d: torch.Tensor, label_prob: torch.Tensor) -> torch.Tensor:
+    """1 where the reward ranks the pair the way the label does, 0 where not, NaN for p = 0.5 (no preference)."""
+    right = ((d > 0) == (label_prob > 0.5)).float()
+    return torch.where(label_prob == 0.5, torch.full_like(right, float("nan")), right)
+
+
+def expected_calibration_error(pred: torch.Tensor, target: torch.Tensor, bins: int = CALIBRATION_BINS) -> float:
+    """ECE of predicted probabilities sigmoid(d) against label probabilities: the mean over equal-width
+    bins of pred of |mean(pred) - mean(target)|, weighted by the bin's share of pairs."""
+    if pred.numel() == 0:
+        return float("nan")
+    idx = (pred.clamp(0, 1) * bins).long().clamp(max=bins - 1)
+    total = 0.0
+    for b in range(bins):
+        sel = idx == b
+        if sel.any():
+            total += float(sel.float().mean() * (pred[sel].mean() - target[sel].mean()).abs())
+    return total
+
+
+# ---------------------------------------------------------------- data
+
+
+class PairTokens(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    chosen: list[int]
+    rejected: list[int]
+    label_prob: float
+    source: str
+    truncated: bool
+
+
+def encode_response(tokenizer: Any, context: list[dict[str, str]], response: str, max_length: int) -> tuple[list[int], bool]:
+    """Token ids of context + response + EOS, at most max_length: the prompt is cut from the left
+    (its first token, BOS, stays); only a response longer than the whole budget is cut on the right
+    (its EOS stays). Returns (ids, truncated)."""
+    prompt = encode_prompt(tokenizer, render_prompt(tokenizer, context))
+    reply = list(tokenizer(render_completion(tokenizer, context, response), add_special_tokens=False)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if not reply or reply[-1] != eos:
+        reply.append(eos)
+    if len(prompt) + len(reply) <= max_length:
+        return prompt + reply, False
+    head = prompt[:1] if tokenizer.bos_token_id is not None and prompt[:1] == [tokenizer.bos_token_id] else []
+    room = max_length - len(head) - len(reply)
+    if room >= 1:
+        return head + prompt[len(prompt) - room:] + reply, True
+    keep = max_length - len(head) - 2  # one prompt token + the reply's EOS
+    return head + prompt[-1:] + reply[:keep] + [eos], True
+
+
+def tokenize_pair(tokenizer: Any, row: PreferenceRow, max_length: int) -> PairTokens:
+    prompt = [m.model_dump() for m in row.prompt]
+    sides = []
+    for side in (row.chosen, row.rejected):
+        msgs = [m.model_dump() for m in side]
+        sides.append(encode_response(tokenizer, prompt + msgs[:-1], msgs[-1]["content"], max_length))
+    (c, tc), (r, tr) = sides
+    return PairTokens(chosen=c, rejected=r, label_prob=row.label_prob, source=row.source, truncated=tc or tr)
+
+
+def load_pairs(path: str | Path, tokenizer: Any, max_length: int, limit: int | None = None) -> list[PairTokens]:
+    p = Path(path)
+    if not p.exists():
+        raise InputError(str(p), "file not found")
+    rows = read_records(p, PreferenceRow)[:limit]
+    if not rows:
+        raise InputError(str(p), "no preference rows in file")
+    for i, row in enumerate(rows, start=1):
+        if row.chosen[-1].role != "assistant" or row.rejected[-1].role != "assistant":
+            raise InputError(str(p), "chosen and rejected must end with an assistant message", line=i)
+    return [tokenize_pair(tokenizer, r, max_length) for r in rows]
+
+
+def collate_pairs(pairs: list[PairTokens], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2B, T] right-padded ids and mask: the B chosen sequences, then the B rejected ones; T is the
+    longest sequence of this batch."""
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pair_rewards(model: torch.nn.Module, pairs: list[PairTokens], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r_chosen, r_rejected) of a batch, from one forward pass."""
+    ids, mask = collate_pairs(pairs, pad_id, device)
+    rewards = model(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+    n = len(pairs)
+    return rewards[:n], rewards[n:]
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Tokenizer and a one-output sequence-classification model on any causal LM (or a trained RM).
+    A fresh head is initialised N(0, 1/sqrt(hidden + 1)), the pad token is made distinct from EOS."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from cai.engines.hf import ensure_pad_token, model_not_found
+
+    local_only = not Path(path).is_dir()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+        cfg = AutoConfig.from_pretrained(path, local_files_only=local_only)
+        trained = any(a.endswith("ForSequenceClassification") for a in cfg.architectures or [])
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, local_files_only=local_only
+        )
+    except (OSError, ValueError) as e:
+        raise model_not_found(path, e) from e
+    if not trained:
+        head = model.score if hasattr(model, "score") else model.get_output_embeddings()
+        if head is None:
+            raise CaiError(f"cannot find the classification head of {type(model).__name__}")
+        hidden = head.weight.shape[1]
+        with torch.no_grad():
+            head.weight.normal_(0.0, 1.0 / math.sqrt(hidden + 1))
+            if getattr(head, "bias", None) is not None:
+                head.bias.zero_()
+    ensure_pad_token(tokenizer, model)
+    tokenizer.padding_side = "right"
+    return tokenizer, model
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+class SourceMetrics(BaseModel):
+    pairs: int
+    accuracy: float
+    loss: float
+
+
+class EvalResult(BaseModel):
+    overall: SourceMetrics
+    per_source: dict[str, SourceMetrics]
+    reward_mean: float
+    reward_std: float
+    chosen_mean: float
+    rejected_mean: float
+    ece: float
+
+    def flat(self) -> dict[str, float]:
+        out = {"accuracy": self.overall.accuracy, "loss": self.overall.loss, "reward_mean": self.reward_mean,
+               "reward_std": self.reward_std, "chosen_mean": self.chosen_mean, "rejected_mean": self.rejected_mean,
+               "ece": self.ece}
+        for src, m in self.per_source.items():
+            out[f"{src}/accuracy"] = m.accuracy
+            out[f"{src}/loss"] = m.loss
+        return out
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    x = x[~torch.isnan(x)]
+    return float(x.mean()) if x.numel() else float("nan")
+
+
+@torch.no_grad()
+def evaluate_pairs(model: torch.nn.Module, pairs: list[PairTokens], pad_id: int, accelerator: Any,
+                   batch_size: int, margin: float = 0.0) -> EvalResult:
+    """Accuracy and loss per source and overall, reward stats, ECE of sigmoid(r_c - r_r) vs label_prob.
+    Pairs are split across processes and sorted by length (less padding); results are gathered."""
+    from accelerate.utils import gather_object
+
+    rank, world = dist_info(accelerator)
+    mine = sorted(range(rank, len(pairs), world), key=lambda i: -len(pairs[i].chosen) - len(pairs[i].rejected))
+    rows: list[tuple[int, float, float]] = []
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        rc, rr = pair_rewards(model, [pairs[i] for i in idx], pad_id, accelerator.device)
+        rows.extend(zip(idx, rc.float().tolist(), rr.float().tolist()))
+    if world > 1:
+        rows = gather_object(rows)
+    rows.sort()
+    rc = torch.tensor([r[1] for r in rows])
+    rr = torch.tensor([r[2] for r in rows])
+    p = torch.tensor([pairs[r[0]].label_prob for r in rows])
+    sources = [pairs[r[0]].source for r in rows]
+    _, per_row = bt_loss(rc, rr, p, margin)
+    correct = pair_correct(rc - rr, p)
+
+    def metrics(sel: torch.Tensor) -> SourceMetrics:
+        return SourceMetrics(pairs=int(sel.sum()), accuracy=_nanmean(correct[sel]), loss=float(per_row[sel].mean()))
+
+    everything = torch.ones(len(rows), dtype=torch.bool)
+    per_source = {s: metrics(torch.tensor([x == s for x in sources])) for s in sorted(set(sources))}
+    both = torch.cat([rc, rr])
+    return EvalResult(
+        overall=metrics(everything), per_source=per_source, reward_mean=float(both.mean()),
+        reward_std=float(both.std()) if both.numel() > 1 else 0.0, chosen_mean=float(rc.mean()),
+        rejected_mean=float(rr.mean()), ece=expected_calibration_error(torch.sigmoid(rc - rr), p),
+    )
+
+
+# ---------------------------------------------------------------- run
+
+
+class RewardSummary(BaseModel):
+    model: str
+    steps: int
+    samples: int
+    train_pairs: int
+    test_pairs: int
+    truncated_pairs: int
+    wall_s: float
+    train_samples_per_s: float
+    final_dir: str
+    test: EvalResult | None
+    reward_mean: float
+    reward_std: float
+
+    def render(self) -> str:
+        lines = [(f"reward model: {self.steps} steps, {self.samples} pairs seen, {self.train_pairs} train pairs "
+                  f"({self.truncated_pairs} truncated), {self.wall_s:.1f}s, {self.train_samples_per_s:.2f} pairs/s")]
+        if self.test is not None:
+            t = self.test
+            lines.append(f"test: accuracy {t.overall.accuracy:.3f}, loss {t.overall.loss:.4f}, ECE {t.ece:.3f}, "
+                         f"reward mean {t.reward_mean:.3f} std {t.reward_std:.3f} ({t.overall.pairs} pairs)")
+            for src, m in t.per_source.items():
+                lines.append(f"  {src}: accuracy {m.accuracy:.3f}, loss {m.loss:.4f} ({m.pairs} pairs)")
+        lines.append(f"final model: {self.final_dir}")
+        return "\n".join(lines)
+
+
+def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | None = None) -> RewardSummary:
+    """Train (or resume) a reward model; writes metrics.jsonl, tb/, curves.png, checkpoints/, final/
+    and summary.json into config.out_dir. `stop_after` ends after that many steps (tests)."""
+    start = time.perf_counter()
+    out = Path(config.out_dir)
+    last = resume_point(out, resume)
+    acc = make_accelerator(config)
+    rank, world = dist_info(acc)
+    seed_everything(config.seed)
+    model_path = config.model_path()
+    tokenizer, model = load_reward_model(model_path)
+    prepare_model(model, config)
+    train = load_pairs(config.train_file, tokenizer, config.max_length, config.limit_train)
+    test = load_pairs(config.test_file, tokenizer, config.max_length, config.limit_test) if config.test_file else []
+    unknown = set(config.source_weights) - {p.source for p in train}
+    if unknown:
+        log.warning("source_weights names sources absent from the training data: %s", sorted(unknown))
+
+    model = acc.prepare(model)
+    optimizer = acc.prepare(build_optimizer(model, config))
+    lengths = [max(len(p.chosen), len(p.rejected)) for p in train] if config.group_by_length else None
+    stream = BatchStream(len(train), config.batch_size, config.seed, rank, world, lengths)
+    steps = total_steps(config, stream.per_epoch)
+    scheduler = build_scheduler(optimizer, config, steps)
+    checkpointer = Checkpointer(out, acc, config.keep_checkpoints)
+    state = TrainState()
+    if last is not None:
+        state = checkpointer.restore(last, model, {"optimizer": optimizer, "scheduler": scheduler})
+        if acc.is_main_process:
+            print(f"resuming from {last} (step {state.step} of {steps})")
+    logger = MetricsLogger(out, enabled=acc.is_main_process, resume_step=state.step if last else None)
+    pad_id = tokenizer.pad_token_id
+    weights = {s: config.source_weights.get(s, 1.0) for s in {p.source for p in train}}
+
+    def loss_fn(m: torch.nn.Module, rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = [train[i] for i in rows]
+        rc, rr = pair_rewards(m, batch, pad_id, acc.device)
+        p = torch.tensor([b.label_prob for b in batch], device=rc.device)
+        w = torch.tensor([weights[b.source] for b in batch], device=rc.device)
+        loss, _ = bt_loss(rc, rr, p, config.margin, config.center_coef, w)
+        d = (rc - rr).detach().float()
+        return loss, {"accuracy": _nanmean(pair_correct(d, p).cpu()), "margin": float(d.mean()),
+                      "chosen": float(rc.detach().float().mean()), "rejected": float(rr.detach().float().mean())}
+
+    evals: list[EvalResult] = []
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        evals.append(evaluate_pairs(m, test, pad_id, acc, config.eval_batch_size, config.margin))
+        return evals[-1].flat()
+
+    loop = Loop(accelerator=acc, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                stream=stream, total_steps=steps, checkpointer=checkpointer, logger=logger, state=state)
+    try:
+        state = fit(config, loop, loss_fn, evaluate if test else None, stop_after=stop_after)
+    finally:
+        logger.close()
+    if state.step < steps:  # stopped early on purpose (stop_after)
+        raise CaiError(f"stopped after step {state.step} of {steps}; rerun with --resume to continue")
+
+    model.eval()
+    result = None
+    if test:  # fit evaluated at the last step, unless this run resumed from the final checkpoint
+        result = evals[-1] if evals else evaluate_pairs(model, test, pad_id, acc, config.eval_batch_size, config.margin)
+    if result is not None:
+        mean, std = result.reward_mean, result.reward_std
+    else:
+        sample = train[: min(len(train), 256)]
+        stats = evaluate_pairs(model, sample, pad_id, acc, config.eval_batch_size, config.margin)
+        mean, std = stats.reward_mean, stats.reward_std
+    unwrapped = acc.unwrap_model(model)
+    unwrapped.config.cai_reward_mean = mean
+    unwrapped.config.cai_reward_std = std if std > 0 else 1.0
+    save_pretrained(acc, model, out / FINAL, tokenizer)
+    if config.plot and acc.is_main_process:
+        plot_curves(out / "metrics.jsonl", out / "curves.png",
+                    [("train", "loss"), ("train", "accuracy"), ("eval", "loss"), ("eval", "accuracy")])
+    wall = time.perf_counter() - start
+    summary = RewardSummary(
+        model=model_path if config.model else "gemma-3-270m (bundled)", steps=state.step, samples=state.samples,
+        train_pairs=len(train), test_pairs=len(test), truncated_pairs=sum(p.truncated for p in train + test),
+        wall_s=wall, train_samples_per_s=state.samples / max(state.elapsed_s, 1e-9), final_dir=str(out / FINAL),
+        test=result, reward_mean=mean, reward_std=std,
+    )
+    if acc.is_main_process:
+        write_json(out / "summary.json", summary)
+    return summary
+
+
+# ---------------------------------------------------------------- scoring (cai score, PPO)
+
+
+class RewardScorer:
+    """A trained reward model for scoring: `score(texts)` on rendered texts, `score_messages` on
+    conversations ending with an assistant turn. `normalize` maps rewards to (r - mean) / std with
+    the statistics stored at the end of training."""
+
+    def __init__(self, path: str | Path, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
+                 max_length: int = 1024, normalize: bool = False):
+        from cai.engines.hf import resolve_device, resolve_dtype
+
+        self.device = resolve_device(device)
+        self.tokenizer, self.model = load_reward_model(str(path), resolve_dtype(dtype, self.device))
+        self.model.to(self.device).eval()
+        self.batch_size, self.max_length = batch_size, max_length
+        cfg = self.model.config
+        self.mean = float(getattr(cfg, "cai_reward_mean", 0.0)) if normalize else 0.0
+        self.std = float(getattr(cfg, "cai_reward_std", 1.0)) if normalize else 1.0
+
+    @torch.no_grad()
+    def _score_ids(self, seqs: list[list[int]]) -> list[float]:
+        out = [0.0] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            width = max(len(seqs[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for j, i in enumerate(idx):
+                ids[j, :len(seqs[i])] = torch.tensor(seqs[i])
+                mask[j, :len(seqs[i])] = 1
+            r = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.squeeze(-1)
+            for j, i in enumerate(idx):
+                out[i] = (float(r[j]) - self.mean) / self.std
+        return out
+
+    def score_messages(self, conversations: list[list[dict[str, str]]]) -> list[float]:
+        """Rewards of conversations whose last message is the assistant response being judged."""
+        seqs = []
+        for conv in conversations:
+            if not conv or conv[-1]["role"] != "assistant":
+                raise CaiError("each conversation to score must end with an assistant message")
+            seqs.append(encode_response(self.tokenizer, conv[:-1], conv[-1]["content"], self.max_length)[0])
+        return self._score_ids(seqs)
+
+    def score(self, texts: list[str]) -> list[float]:
+        """Rewards of already rendered texts (EOS appended, as in training)."""
+        eos = self.tokenizer.eos_token_id
+        seqs = []
+        for t in texts:
+            ids = encode_prompt(self.tokenizer, t)
+            ids = ids if ids and ids[-1] == eos else ids + [eos]
+            seqs.append(ids[:1] + ids[len(ids) - self.max_length + 1:] if len(ids) > self.max_length else ids)
+        return self._score_ids(seqs)
