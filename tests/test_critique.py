@@ -47,8 +47,8 @@ def workdir(tmp_path: Path, repo_root: Path) -> Path:
 
 
 def config(workdir: Path, out: str = "out.jsonl", **kw) -> CritiqueConfig:
-    base = dict(prompts=workdir / "prompts.jsonl", constitution=workdir / "c.yaml", out=workdir / out,
-                rounds=3, batch_size=3, seed=7)
+    base = {"prompts": workdir / "prompts.jsonl", "constitution": workdir / "c.yaml", "out": workdir / out,
+                "rounds": 3, "batch_size": 3, "seed": 7}
     base.update(kw)
     return CritiqueConfig(**base)
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from cai.conversation import HH_STOP, to_hh
-from cai.engines import load_engine
+from cai.engines import hf, load_engine
 from cai.engines.base import Engine, SamplingConfig
-from cai.engines.hf import HFEngine, ensure_pad_token, turn_end_ids
+from cai.engines.hf import HFEngine, ensure_pad_token, sample_rows, turn_end_ids
 from cai.errors import CaiError
 
 PROMPTS = [
@@ -126,6 +126,23 @@ def test_eos_ends_a_row_and_is_not_in_the_text(engine):
         assert g.finish_reason == "eos"
         assert g.completion_tokens == 3  # two tokens, then EOS (counted)
     assert out[0].text == engine.generate(PROMPTS[:1], GREEDY.model_copy(update={"max_new_tokens": 2}))[0].text
+
+
+@pytest.mark.parametrize("candidates", [1024, 2], ids=["top-k candidates", "full sort fallback"])
+def test_top_p_draws_from_the_nucleus_in_proportion(monkeypatch, candidates):
+    monkeypatch.setattr(hf, "_TOP_P_CANDIDATES", candidates)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0], [-3.0, -1.0, 0.0, 0.5, 1.0, 2.0]])
+    sampling = SamplingConfig(temperature=0.7, top_p=0.9)
+    probs = torch.softmax(logits / 0.7, -1)
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    draws = torch.stack([sample_rows(logits, sampling, gens) for _ in range(3000)])  # [draws, rows]
+    # row 0: the mass before token 2 is 0.87 < 0.9, so tokens 0-2 form the nucleus (row 1 mirrored)
+    for row, nucleus in [(0, [0, 1, 2]), (1, [5, 4, 3])]:
+        counts = torch.bincount(draws[:, row], minlength=6).float() / len(draws)
+        expected = torch.zeros(6)
+        expected[nucleus] = probs[row, nucleus] / probs[row, nucleus].sum()
+        assert torch.allclose(counts, expected, atol=0.03), (row, counts, expected)
+    assert sample_rows(logits, SamplingConfig(temperature=0.0), gens).tolist() == [0, 5]
 
 
 def test_choice_logprobs_match_hand_computation(engine):

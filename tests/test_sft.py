@@ -213,7 +213,9 @@ def test_sft_on_a_tiny_model_lowers_the_held_out_loss(tiny_model_dir, tmp_path, 
     assert summary.train_rows == (32 if not packing else summary.train_rows) and summary.train_rows <= 32
     assert summary.test_loss_after < summary.test_loss_before - 1.0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["split"] == "eval"] == [0, 10, 20]
+    evals = [r for r in rows if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert (evals[0]["loss"], evals[-1]["loss"]) == (summary.test_loss_before, summary.test_loss_after)
     train = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in train] == [5, 10, 15, 20] and train[-1]["loss"] < train[0]["loss"]
     assert json.loads((out / "summary.json").read_text())["test_loss_after"] == pytest.approx(summary.test_loss_after)

@@ -459,6 +459,13 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
         )
 
 
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under out_dir/checkpoints (half-written ones are .tmp-* dirs)."""
+    root = Path(out_dir) / CHECKPOINTS
+    done = sorted(p for p in root.glob("step-*") if (p / STATE_JSON).is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
 class Checkpointer:
     """Atomic checkpoints under out_dir/checkpoints/step-XXXXXXXX and exact resume.
 
@@ -475,10 +482,7 @@ class Checkpointer:
         self.last: Path | None = self.latest()
 
     def latest(self) -> Path | None:
-        if not self.root.is_dir():
-            return None
-        done = sorted(p for p in self.root.glob("step-*") if (p / STATE_JSON).is_file())
-        return done[-1] if done else None
+        return latest_checkpoint(self.root.parent)
 
     def save(
         self,
@@ -546,11 +550,9 @@ class Checkpointer:
 def resume_point(out_dir: str | Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run). A fresh run refuses to overwrite
     checkpoints of an earlier run in the same out_dir."""
-    ckpt = Checkpointer.__new__(Checkpointer)
-    ckpt.root = Path(out_dir) / CHECKPOINTS
-    last = ckpt.latest()
+    last = latest_checkpoint(out_dir)
     if resume and last is None:
-        raise CaiError(f"--resume: no checkpoint under {ckpt.root}; run without --resume to start")
+        raise CaiError(f"--resume: no checkpoint under {Path(out_dir) / CHECKPOINTS}; run without --resume to start")
     if not resume and last is not None:
         raise CaiError(
             f"{out_dir} already holds checkpoints of a run ({last.name}); pass --resume to continue it, "

@@ -419,8 +419,10 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
         loss, n = lm_loss(m, _to(collate([rows[i] for i in idx], pad_id), acc.device))
         return loss, {"tokens": float(n)}
 
+    evals: dict[int, float] = {}  # optimizer step -> held-out loss
+
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
-        loss = evaluate_loss(m, test_rows, pad_id, acc, config.eval_batch_size)
+        loss = evals[state.step] = evaluate_loss(m, test_rows, pad_id, acc, config.eval_batch_size)
         return {"loss": loss, "perplexity": float(torch.exp(torch.tensor(min(loss, 50.0))))}
 
     try:
@@ -437,7 +439,9 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
     if state.step < steps:  # stopped early on purpose (stop_after)
         raise CaiError(f"stopped after step {state.step} of {steps}; rerun with --resume to continue")
     model.eval()
-    after = evaluate(model)["loss"] if test_rows else None
+    after = None
+    if test_rows:  # fit evaluated the last step, unless this run resumed from the final checkpoint
+        after = evals[state.step] if state.step in evals else evaluate(model)["loss"]
     save_pretrained(acc, model, out / FINAL, tokenizer)
     if config.plot and acc.is_main_process:
         plot_curves(out / "metrics.jsonl", out / "curves.png", [("train", "loss"), ("eval", "loss")])
