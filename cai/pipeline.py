@@ -352,7 +352,7 @@ class PPOStage(TrainerStage):
         gen, mix = configs["generate"], configs["mix"]
         prompts = [{"file": str(gen.prompts), "kind": "prompts", "limit": gen.limit}]  # type: ignore[attr-defined]
         prompts += [{"file": str(h), "kind": "pairs"} for h in mix.human]  # type: ignore[attr-defined]
-        return {"seed": pipe.seed, "prompts": prompts}
+        return {"seed": pipe.seed, "prompts": prompts, "rollout_engine": pipe.engine}  # vllm: colocated rollouts
 
     def owned(self, run_dir: Path) -> dict[str, Any]:
         return {"model": str(run_dir / LAYOUT["sft"] / "final"), "reward_model": str(run_dir / LAYOUT["rm"] / "final"),

@@ -5,6 +5,9 @@ through the CLI and config errors."""
 from __future__ import annotations
 
 import json
+import os
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -19,12 +22,13 @@ from cai.train.ppo import (
     PPOConfig,
     PromptSchedule,
     apportion,
+    build_sampler,
     forward,
     load_prompt_sources,
     run_ppo,
 )
 from cai.train.ppo_core import response_mask
-from cai.train.rollout import PolicySampler
+from cai.train.rollout import PolicySampler, VLLMSampler
 
 QUESTIONS = ["how do I bake bread?", "which is less harmful?", "can you help me?", "what is the answer?"]
 DIGITS = set("0123456789")
@@ -256,6 +260,96 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, prompt_files, t
     assert ra[-1]["kl_coef"] != 0.2  # the adaptive coefficient moved, and resumed where it was
     sa, sb = ((d / "samples.jsonl").read_text().splitlines() for d in (whole, part))
     assert sa == sb and len(sa) == 4
+
+
+class ModelBackedLLM:
+    """Stands in for vllm.LLM under PPO: samples with PolicySampler from its own copy of the model it
+    was built from, takes new weights only through apply_model(model.load_weights), and (like vLLM
+    may) leaves the EOS token out of the returned ids."""
+
+    def __init__(self, model: str, **kwargs):
+        self.kwargs = kwargs
+        self.hf = AutoModelForCausalLM.from_pretrained(model).eval()
+        self.tok = AutoTokenizer.from_pretrained(model)
+        self.loaded: list[set[str]] = []
+        self.resets = 0
+
+    def get_tokenizer(self):
+        return self.tok
+
+    def generate(self, prompts, params, use_tqdm=True):
+        first = params[0].kwargs
+        batch = PolicySampler(self.hf, self.tok, tuple(first["stop"] or ())).sample(
+            [p["prompt_token_ids"] for p in prompts], first["temperature"], first["max_tokens"],
+            [p.kwargs["seed"] for p in params])
+        outputs = []
+        for i, reason in enumerate(batch.finish_reasons):
+            ids = batch.response[i, :int(batch.ended_at[i]) + 1].tolist()
+            done = types.SimpleNamespace(
+                text=batch.texts[i], token_ids=ids[:-1] if reason == "eos" else ids,
+                finish_reason="length" if reason == "length" else "stop",
+                stop_reason="\n\nHuman:" if reason == "stop" else None)
+            outputs.append(types.SimpleNamespace(outputs=[done]))
+        return outputs
+
+    def apply_model(self, func):
+        return [func(self)]  # this object plays vLLM's model, whose load_weights takes (name, tensor) pairs
+
+    def load_weights(self, weights):
+        params = dict(self.hf.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights:
+                params[name].copy_(tensor)
+        self.loaded.append({name for name, _ in weights})
+        return self.loaded[-1]
+
+    def reset_prefix_cache(self):
+        self.resets += 1
+
+
+def test_vllm_rollouts_with_weight_sync_reproduce_the_hf_run(tiny_model_dir, prompt_files, tmp_path, monkeypatch):
+    """rollout_engine vllm against a model-backed fake vLLM: the same seeds, and weights copied in before each
+    rollout, give exactly the hf run; without the sync the rollouts come from stale weights and the runs part."""
+    created: list[ModelBackedLLM] = []
+    module = types.ModuleType("vllm")
+    module.LLM = lambda model, **kw: created.append(ModelBackedLLM(model, **kw)) or created[-1]
+    module.SamplingParams = lambda **kw: types.SimpleNamespace(kwargs=kw)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    kw = {"max_steps": 3, "plot": False, "sample_every": 1, "samples_per_log": 16, "prompts_per_step": 4,
+          "completions_per_prompt": 4}
+    runs = {}
+    for name, extra in [("hf", {}), ("vllm", {"rollout_engine": "vllm", "vllm_options": {"enforce_eager": True}})]:
+        runs[name] = tmp_path / name
+        run_ppo(_config(tiny_model_dir, prompt_files[0], runs[name], **kw, **extra), reward_fn=digit_reward)
+    llm = created[0]
+    assert llm.kwargs["gpu_memory_utilization"] == 0.3 and llm.kwargs["enforce_eager"] is True
+    assert llm.kwargs["dtype"] == "float32" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    policy_names = {n for n, _ in AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()}
+    assert llm.loaded == [policy_names] * 3 and llm.resets == 3  # one sync before each step's rollout
+    samples = {k: [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()] for k, d in runs.items()}
+    assert samples["vllm"] == samples["hf"] and len(samples["hf"]) == 48
+    assert any(s["finish"] == "eos" for s in samples["hf"])  # the EOS vLLM left out was put back
+    for a, b in zip(_train_rows(runs["hf"]), _train_rows(runs["vllm"])):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in runs.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    monkeypatch.setattr(VLLMSampler, "sync", lambda self, policy: None)
+    stale = tmp_path / "stale"
+    run_ppo(_config(tiny_model_dir, prompt_files[0], stale, **kw, rollout_engine="vllm"), reward_fn=digit_reward)
+    got = [json.loads(x) for x in (stale / "samples.jsonl").read_text().splitlines()]
+    assert got[:16] == samples["hf"][:16] and got[16:] != samples["hf"][16:]
+
+
+def test_vllm_rollouts_refuse_tensor_parallel_and_a_grown_vocabulary(tiny_model_dir, prompt_files, tmp_path):
+    config = _config(tiny_model_dir, prompt_files[0], tmp_path, rollout_engine="vllm",
+                     vllm_options={"tensor_parallel_size": 2})
+    with pytest.raises(CaiError, match="tensor_parallel_size must be 1"):
+        build_sampler(config, None, None, (), str(tiny_model_dir), world=1, resized_vocab=False)
+    with pytest.raises(CaiError, match="no pad token"):
+        build_sampler(config.model_copy(update={"vllm_options": {}}), None, None, (), str(tiny_model_dir), world=1,
+                      resized_vocab=True)
 
 
 def test_reward_model_and_critic_from_it_through_the_cli(tiny_model_dir, reward_dir, prompt_files, tmp_path, capsys):

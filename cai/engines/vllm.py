@@ -9,13 +9,17 @@ prompt cheap to rerun.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cai.conversation import HH_STOP
 from cai.engines.base import FinishReason, Generation, SamplingConfig
 from cai.engines.hf import encode_prompt, has_chat_template, render_chat, turn_end_ids
 from cai.errors import CaiError
+
+if TYPE_CHECKING:
+    import torch
 
 INSTALL_HINT = (
     "the vllm engine needs the vllm package and an NVIDIA GPU: `pip install 'cai[vllm]'` on a GPU "
@@ -86,11 +90,25 @@ class VLLMEngine:
     def generate(
         self, prompts: list[str], sampling: SamplingConfig, seeds: list[int] | None = None
     ) -> list[Generation]:
-        if seeds is None:
-            seeds = [sampling.seed + i for i in range(len(prompts))]
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         ids = [encode_prompt(self.tokenizer, p, self.max_length) for p in prompts]
+        return [
+            Generation(text=done.text, prompt_tokens=len(prompt_ids), completion_tokens=len(done.token_ids),
+                       finish_reason=self._finish(done))
+            for prompt_ids, done in zip(ids, self._complete(ids, sampling, seeds))
+        ]
+
+    def generate_ids(
+        self, prompt_ids: list[list[int]], sampling: SamplingConfig, seeds: list[int] | None = None
+    ) -> list[tuple[list[int], FinishReason]]:
+        """Sampled token ids and finish reason per prompt, for trainers that need the exact ids (PPO)."""
+        return [(list(done.token_ids), self._finish(done)) for done in self._complete(prompt_ids, sampling, seeds)]
+
+    def _complete(self, ids: list[list[int]], sampling: SamplingConfig, seeds: list[int] | None) -> list[Any]:
+        """vLLM's first CompletionOutput for each prompt, one seeded SamplingParams per request."""
+        if seeds is None:
+            seeds = [sampling.seed + i for i in range(len(ids))]
+        if len(seeds) != len(ids):
+            raise ValueError(f"{len(seeds)} seeds for {len(ids)} prompts")
         params = [
             self._vllm.SamplingParams(
                 n=1, temperature=sampling.temperature, top_p=sampling.top_p,
@@ -100,14 +118,19 @@ class VLLMEngine:
             for seed in seeds
         ]
         outputs = self.llm.generate([self._tokens(i) for i in ids], params, use_tqdm=False)
-        results = []
-        for prompt_ids, request in zip(ids, outputs):
-            done = request.outputs[0]
-            results.append(Generation(
-                text=done.text, prompt_tokens=len(prompt_ids), completion_tokens=len(done.token_ids),
-                finish_reason=self._finish(done),
-            ))
-        return results
+        return [request.outputs[0] for request in outputs]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy new weights (transformers parameter names) into the served model, in place.
+
+        Runs `load_weights` on the model inside each vLLM worker through `LLM.apply_model`; the
+        tensors travel by reference, so the engine must run in this process (PPO creates it with
+        VLLM_ENABLE_V1_MULTIPROCESSING=0). Cached prefixes were computed with the old weights and
+        are dropped.
+        """
+        named = list(weights)
+        self.llm.apply_model(lambda model: model.load_weights(named))
+        self.llm.reset_prefix_cache()
 
     @staticmethod
     def _finish(done: Any) -> FinishReason:

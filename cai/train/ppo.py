@@ -12,9 +12,11 @@ PPO"; Ziegler et al. 2019), and where they are:
   from the reward model and read at every token, or a zero-initialised value head on the policy's
   last hidden state) and the frozen reward model. Dropout is off in all of them.
 - rollouts sample at `temperature` (no top-p: the log-probs PPO recomputes must be those of the
-  distribution that was sampled) from the in-memory policy, with exact token ids; a response ends
-  at an end token or a stop sequence (the HH format's next turn). Responses that hit
-  max_new_tokens without ending lose `unfinished_penalty` from their score.
+  distribution that was sampled), with exact token ids, from the in-memory policy (rollout_engine
+  hf) or from a vLLM engine in the same process whose weights are overwritten with the policy's
+  before every rollout (rollout_engine vllm, GPUs); a response ends at an end token or a stop
+  sequence (the HH format's next turn). Responses that hit max_new_tokens without ending lose
+  `unfinished_penalty` from their score.
 - log-probs are recomputed with logits divided by the temperature; the LM head runs only on the
   response positions (with a 262k vocabulary it costs more than the transformer body).
 - reward: -kl_coef * (log p - log p_ref) per token (k1), plus the score on the last real token;
@@ -36,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -81,7 +84,7 @@ from cai.train.ppo_core import (
     response_mask,
     value_loss,
 )
-from cai.train.rollout import PolicySampler, Rollout
+from cai.train.rollout import PolicySampler, Rollout, RolloutSampler, VLLMSampler
 
 # scores for (conversations, response texts); the reward model, or any callable (tests, rule rewards)
 RewardFn = Callable[[list[list[dict[str, str]]], list[str]], list[float]]
@@ -118,6 +121,12 @@ class PPOConfig(TrainConfig):
     max_prompt_tokens: int = Field(256, ge=8, description="longer prompts keep BOS and their last tokens")
     prompts_per_step: int = Field(8, ge=1, description="prompts sampled per PPO step (per process)")
     completions_per_prompt: int = Field(1, ge=1)
+    rollout_engine: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: sample from the policy in memory; vllm: a vLLM engine in this process (one per "
+        "GPU), the policy's weights copied into it before every rollout")
+    vllm_options: dict[str, Any] = Field(
+        default_factory=dict, description="vllm.LLM options for rollout_engine vllm (defaults: gpu_memory_utilization "
+        "0.3, enable_prefix_caching true; tensor_parallel_size must stay 1)")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.7, gt=0, description="sampling temperature; log-probs use logits / temperature")
     unfinished_penalty: float = Field(1.0, ge=0, description="subtracted from the score of responses that never end")
@@ -212,6 +221,32 @@ def reward_model_fn(config: PPOConfig, device: torch.device) -> RewardFn:
         return scorer.score_messages([c + [{"role": "assistant", "content": t}] for c, t in zip(convs, texts)])
 
     return score
+
+
+
+def build_sampler(config: PPOConfig, policy: Any, tokenizer: Any, stop: tuple[str, ...], model_path: str,
+                  world: int, resized_vocab: bool) -> RolloutSampler:
+    """The rollout sampler of config.rollout_engine. The vLLM engine runs in this process (colocated with
+    the trainer on its GPU; under `accelerate launch` through vLLM's external_launcher backend), so the
+    weight sync before each rollout is an in-memory copy."""
+    if config.rollout_engine == "hf":
+        return PolicySampler(policy, tokenizer, stop)
+    options = {"gpu_memory_utilization": 0.3, "enable_prefix_caching": True, **config.vllm_options}
+    if options.get("tensor_parallel_size", 1) != 1:
+        raise CaiError("rollout_engine vllm: tensor_parallel_size must be 1 (each process samples with its own engine "
+                       "on its own GPU); scale out with more `accelerate launch` processes")
+    if resized_vocab:
+        raise CaiError(f"rollout_engine vllm: the tokenizer of {model_path} has no pad token, so the policy grew a "
+                       "row for one and vLLM's copy of the model would no longer match; give the tokenizer a pad "
+                       "token (e.g. train SFT with cai, which saves one) or use rollout_engine hf")
+    if world > 1:
+        options.setdefault("distributed_executor_backend", "external_launcher")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: sync by reference
+    from cai.engines.vllm import VLLMEngine
+
+    dtype = "bfloat16" if config.dtype == "bf16" else "float32"
+    engine = VLLMEngine(model_path, dtype=options.pop("dtype", dtype), **options)
+    return VLLMSampler(engine, tokenizer, stop)
 
 
 # ---------------------------------------------------------------- prompts
@@ -383,6 +418,7 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_after: int | None = No
     # ---- models: policy, frozen reference, critic, frozen reward
     model_path = config.model_path()
     tokenizer, policy = load_pretrained(model_path, torch.float32)
+    vocab = policy.get_input_embeddings().weight.shape[0]
     ensure_pad_token(tokenizer, policy)
     prepare_model(policy, config)
     _, ref = load_pretrained(model_path, torch.float32)
@@ -411,7 +447,8 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_after: int | None = No
     updates_per_step = config.ppo_epochs * (config.episodes_per_step // minibatch)
     scheduler = build_scheduler(optimizer, config, steps * updates_per_step)
     stop = () if has_chat_template(tokenizer) else HH_STOP
-    sampler = PolicySampler(acc.unwrap_model(trained), tokenizer, stop)
+    sampler = build_sampler(config, acc.unwrap_model(trained), tokenizer, stop, model_path, world,
+                            resized_vocab=policy.get_input_embeddings().weight.shape[0] != vocab)
     encoded: dict[str, list[int]] = {}
 
     def encode(conv: list[dict[str, str]]) -> list[int]:
@@ -451,6 +488,7 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_after: int | None = No
             # 1. rollout: this process's share of the step's prompts, each answered completions_per_prompt times
             picked = schedule.step(state.step)[rank::world]
             convs = [c for _, c in picked for _ in range(config.completions_per_prompt)]
+            sampler.sync(acc.unwrap_model(trained))  # vllm: copy in the weights of the last update (or checkpoint)
             with acc.autocast():
                 batch = sampler.sample([encode(c) for c in convs], config.temperature, config.max_new_tokens,
                                        _seeds(config, state.step, rank, world))

@@ -1,22 +1,27 @@
 """Sampling rollouts from the policy being trained, keeping the token ids PPO needs.
 
 Text engines return strings; PPO needs the exact sampled token ids and where each response ended,
-because re-tokenizing decoded text does not always give back the same ids. This sampler runs the
-in-memory policy with a KV cache, left-padded prompts and explicit position ids, and draws each
-row from its own seeded generator, so a row's response depends only on (prompt, seed, weights) and
-a resumed run samples exactly what the uninterrupted run sampled. Rows that have ended leave the
-batch (and the KV cache), so a few long responses do not keep the whole batch busy.
+because re-tokenizing decoded text does not always give back the same ids. Two samplers share one
+contract (`RolloutSampler`): `PolicySampler` runs the in-memory policy itself (the hf engine's way:
+a KV cache, left-padded prompts, explicit position ids), and `VLLMSampler` asks a colocated vLLM
+engine for token ids and copies the policy's weights into it after every update (`sync`). Each row
+draws from its own seed, so a row's response depends only on (prompt, seed, weights) and a resumed
+run samples exactly what the uninterrupted run sampled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from cai.engines.base import FinishReason, SamplingConfig
 from cai.engines.hf import end_token_ids, left_pad, position_ids, sample_rows
+
+if TYPE_CHECKING:
+    from cai.engines.vllm import VLLMEngine
 
 
 @dataclass
@@ -41,11 +46,50 @@ class Rollout:
         return torch.tensor([r != "length" for r in self.finish_reasons])
 
 
+class RolloutSampler(Protocol):
+    """What PPO samples its rollouts from."""
+
+    def sample(self, prompts: list[list[int]], temperature: float, max_new_tokens: int,
+               seeds: list[int]) -> Rollout:
+        """One response per prompt (token ids); row i draws from a generator seeded by seeds[i]."""
+        ...
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        """Make the next `sample` use the policy's current weights."""
+        ...
+
+
+def response_text(tokenizer: Any, tokens: Sequence[int], reason: FinishReason, stop: tuple[str, ...]) -> str:
+    """The text PPO scores: no end token, nothing from the stop sequence on."""
+    if reason == "eos":
+        tokens = tokens[:-1]
+    text = tokenizer.decode(list(tokens), skip_special_tokens=True)
+    if reason == "stop":
+        hits = [text.find(s) for s in stop if s in text]
+        text = text[:min(hits)] if hits else text
+    return text.strip()
+
+
+def build_rollout(prompts: list[list[int]], tokens: list[list[int]], reasons: list[FinishReason],
+                  texts: list[str], pad_id: int) -> Rollout:
+    """Pad prompts left and responses right (pad after each row's end) into one Rollout."""
+    query, query_mask = left_pad(prompts, pad_id, torch.device("cpu"))
+    width = max(len(t) for t in tokens)
+    response = torch.full((len(tokens), width), pad_id, dtype=torch.long)
+    for i, t in enumerate(tokens):
+        response[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+    ended_at = torch.tensor([len(t) - 1 for t in tokens])
+    return Rollout(query=query, query_mask=query_mask, response=response, ended_at=ended_at,
+                   finish_reasons=reasons, texts=texts)
+
+
 class PolicySampler:
     """Temperature sampling from an in-memory causal LM, returning token-level rollouts.
 
     A response ends at an end token (EOS, the generation config's EOS ids, a chat template's
     end-of-turn token) or when its decoded text contains one of `stop` (the HH format's next turn).
+    It samples from the very model PPO updates, so `sync` has nothing to do. Rows that have ended
+    leave the batch (and the KV cache), so a few long responses do not keep the whole batch busy.
     """
 
     def __init__(self, model: Any, tokenizer: Any, stop: tuple[str, ...] = ()):
@@ -61,20 +105,10 @@ class PolicySampler:
         tail = self.tokenizer.decode(tokens[-self._tail:], skip_special_tokens=False)
         return any(s in tail for s in self.stop)
 
-    def _text(self, tokens: list[int], reason: FinishReason) -> str:
-        if reason == "eos":
-            tokens = tokens[:-1]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        if reason == "stop":
-            cut = min(text.find(s) for s in self.stop if s in text)
-            text = text[:cut]
-        return text.strip()
-
     @torch.no_grad()
     def sample(
         self, prompts: list[list[int]], temperature: float, max_new_tokens: int, seeds: list[int]
     ) -> Rollout:
-        """Sample one response per prompt (token ids); row i draws from a generator seeded by seeds[i]."""
         device = next(self.model.parameters()).device
         sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
         query, query_mask = left_pad(prompts, self.pad_id, torch.device("cpu"))
@@ -118,12 +152,44 @@ class PolicySampler:
         finally:
             self.model.train(was_training)
         final: list[FinishReason] = [r or "length" for r in reasons]
-        R = max(len(t) for t in out_tokens)
-        response = torch.full((B, R), self.pad_id, dtype=torch.long)
-        for i, t in enumerate(out_tokens):
-            response[i, :len(t)] = torch.tensor(t, dtype=torch.long)
-        ended_at = torch.tensor([len(t) - 1 for t in out_tokens])
-        return Rollout(
-            query=query, query_mask=query_mask, response=response, ended_at=ended_at,
-            finish_reasons=final, texts=[self._text(t, r) for t, r in zip(out_tokens, final)],
-        )
+        texts = [response_text(self.tokenizer, t, r, self.stop) for t, r in zip(out_tokens, final)]
+        return build_rollout(prompts, out_tokens, final, texts, self.pad_id)
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        self.model = policy
+
+
+class VLLMSampler:
+    """Rollouts from a vLLM engine colocated in the trainer's process (one per GPU).
+
+    vLLM returns the sampled token ids with each completion; a response that ended on EOS gets the
+    end token appended if vLLM left it out, so PPO always scores the token that ended the episode.
+    After each PPO update `sync` copies the policy's weights into vLLM's model (same names as the
+    transformers checkpoint it loaded) and drops prefix-cache blocks computed with the old weights.
+    """
+
+    def __init__(self, engine: VLLMEngine, tokenizer: Any, stop: tuple[str, ...] = ()):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        eos = tokenizer.eos_token_id
+        self.end_ids = end_token_ids(tokenizer, None) | ({eos} if eos is not None else set())
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+
+    def sample(self, prompts: list[list[int]], temperature: float, max_new_tokens: int,
+               seeds: list[int]) -> Rollout:
+        sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens, stop=self.stop)
+        tokens, reasons = [], []
+        for ids, reason in self.engine.generate_ids(prompts, sampling, seeds):
+            ids = list(ids)
+            if reason == "eos" and (not ids or ids[-1] not in self.end_ids):
+                ids.append(self.tokenizer.eos_token_id)
+            if not ids:  # a zero-token completion cannot be scored or trained on
+                ids, reason = [self.tokenizer.eos_token_id], "eos"
+            tokens.append(ids)
+            reasons.append(reason)
+        texts = [response_text(self.tokenizer, t, r, self.stop) for t, r in zip(tokens, reasons)]
+        return build_rollout(prompts, tokens, reasons, texts, self.pad_id)
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        self.engine.load_weights((name, p.detach()) for name, p in policy.named_parameters())
