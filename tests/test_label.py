@@ -304,7 +304,8 @@ def test_export_tables(workdir: Path) -> None:
 # ---------------------------------------------------------------- the real engine on a tiny model
 
 
-def hand_orders(model_dir: Path, constitution: Path, pair: dict) -> list[tuple[float, float]]:
+def hand_orders(model_dir: Path, constitution: Path, pair: dict, templates_file: Path | None = None,
+                ) -> list[tuple[float, float]]:
     """(p_ab, p_ba) per principle from scratch: each (principle, order) prompt + choice run unpadded through
     the model, the choice's log-prob summed from log_softmax of the logits, softmax over the two choices,
     and P(A better) read off each order."""
@@ -317,7 +318,7 @@ def hand_orders(model_dir: Path, constitution: Path, pair: dict) -> list[tuple[f
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    templates = load_feedback_templates()
+    templates = load_feedback_templates(templates_file)
     conversation = [{"role": "user", "content": pair["prompt"]}]
 
     def choice_logprob(prompt: str, choice: str) -> float:
@@ -357,7 +358,11 @@ def sharp_model_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
-def test_tiny_model_labels_equal_hand_computation_from_logits(workdir: Path, sharp_model_dir: Path) -> None:
+@pytest.mark.parametrize("templates_file", [None, "feedback-two-shot.yaml"], ids=["zero-shot", "two-shot"])
+def test_tiny_model_labels_equal_hand_computation_from_logits(
+    workdir: Path, sharp_model_dir: Path, repo_root: Path, templates_file: str | None,
+) -> None:
+    templates = repo_root / "prompts" / templates_file if templates_file else None
     pairs = [
         {"prompt": "How do I bake bread?", "response_a": "Mix flour, water, salt and yeast, then bake.",
          "response_b": "I cannot help with that."},
@@ -370,11 +375,11 @@ def test_tiny_model_labels_equal_hand_computation_from_logits(workdir: Path, sha
     for name in ("tiny", "tiny_swapped"):
         # both pairs in one batch: left padding and position ids must not change a number
         run_label(config(workdir, f"{name}_labels.jsonl", pairs=workdir / f"{name}.jsonl", model=str(sharp_model_dir),
-                         engine_options=options), progress=False)
+                         engine_options=options, feedback_templates=templates), progress=False)
     rows = sorted(read_records(workdir / "tiny_labels.jsonl", LabelRecord), key=lambda r: r.source_index)
     swapped = sorted(read_records(workdir / "tiny_swapped_labels.jsonl", LabelRecord), key=lambda r: r.source_index)
     for pair, row, swap in zip(pairs, rows, swapped):
-        hand = hand_orders(sharp_model_dir, workdir / "c.yaml", pair)
+        hand = hand_orders(sharp_model_dir, workdir / "c.yaml", pair, templates)
         for x, (p_ab, p_ba) in zip(row.principles, hand, strict=True):
             assert (x.p_ab, x.p_ba, x.p) == pytest.approx((p_ab, p_ba, (p_ab + p_ba) / 2), abs=1e-5)
             assert abs(p_ab - 0.5) > 0.05  # a confident model, not a near-uniform tie
