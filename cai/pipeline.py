@@ -287,7 +287,7 @@ class TrainerStage(Stage):
         return [out / "summary.json", out / "final" / "config.json", out / "final" / "model.safetensors"]
 
     @abstractmethod
-    def train(self, config: Any, resume: bool) -> BaseModel: ...
+    def train(self, config: Any, resume: bool, progress: bool) -> BaseModel: ...
 
     def run(self, config: Any, ctx: RunContext) -> BaseModel:
         from cai.train.common import CHECKPOINTS, STATE_JSON
@@ -297,7 +297,7 @@ class TrainerStage(Stage):
         resume = any((p / STATE_JSON).is_file() for p in (out / CHECKPOINTS).glob("step-*"))
         if not resume and out.exists() and _world_size() == 1:
             shutil.rmtree(out)  # leftovers of a run killed before its first checkpoint
-        return self.train(config, resume)
+        return self.train(config, resume, ctx.progress)
 
 
 class RewardStage(TrainerStage):
@@ -313,10 +313,10 @@ class RewardStage(TrainerStage):
         return {"train_file": str(mix / "train.jsonl"), "test_file": str(mix / "test.jsonl"),
                 "out_dir": str(run_dir / LAYOUT["rm"])}
 
-    def train(self, config: Any, resume: bool) -> BaseModel:
+    def train(self, config: Any, resume: bool, progress: bool) -> BaseModel:
         from cai.train.reward import run_reward
 
-        return run_reward(config, resume=resume)
+        return run_reward(config, resume=resume, progress=progress)
 
 
 class SFTStage(TrainerStage):
@@ -331,10 +331,10 @@ class SFTStage(TrainerStage):
         return {"train_file": str(run_dir / LAYOUT["generate"]), "test_file": None,
                 "out_dir": str(run_dir / LAYOUT["sft"])}
 
-    def train(self, config: Any, resume: bool) -> BaseModel:
+    def train(self, config: Any, resume: bool, progress: bool) -> BaseModel:
         from cai.train.sft import run_sft
 
-        return run_sft(config, resume=resume)
+        return run_sft(config, resume=resume, progress=progress)
 
 
 class PPOStage(TrainerStage):
@@ -361,10 +361,10 @@ class PPOStage(TrainerStage):
     def inputs(self, config: Any) -> list[Path]:
         return [Path(p.file) for p in config.prompts]
 
-    def train(self, config: Any, resume: bool) -> BaseModel:
+    def train(self, config: Any, resume: bool, progress: bool) -> BaseModel:
         from cai.train.ppo import run_ppo
 
-        return run_ppo(config, resume=resume)
+        return run_ppo(config, resume=resume, progress=progress)
 
 
 class SideSample(BaseModel):

@@ -199,7 +199,8 @@ def test_killed_mid_stage_then_rerun_equals_uninterrupted_run(
     from cai.train import reward
 
     original = reward.run_reward
-    monkeypatch.setattr(reward, "run_reward", lambda config, resume=False: original(config, resume, stop_after=1))
+    monkeypatch.setattr(reward, "run_reward", lambda config, resume=False, progress=True: original(
+        config, resume, stop_after=1, progress=progress))
     with pytest.raises(CaiError, match="stopped after step 1"):
         run_pipeline(pipe, progress=False, echo=lambda s: None)
     assert (run / "rm" / "checkpoints" / "step-00000001").is_dir()

@@ -264,10 +264,12 @@ def test_cli_trains_with_set_overrides_and_resumes(tiny_model_dir, pair_files, t
         f"out_dir: {tmp_path / 'out'}\nmax_steps: 50\nbatch_size: 4\ndevice: cpu\nmax_length: 64\n"
     )
     assert main(["train", "rm", str(cfg), "--set", "max_steps=2", "--set", "source_weights.ai-harmless=2"]) == 0
-    printed = capsys.readouterr().out
-    assert "reward model: 2 steps, 8 pairs seen" in printed and "ai-harmless: accuracy" in printed
+    printed = capsys.readouterr()
+    assert "reward model: 2 steps, 8 pairs seen" in printed.out and "ai-harmless: accuracy" in printed.out
+    assert "train: 100%" in printed.err  # the progress bar
     assert (tmp_path / "out" / "final" / "model.safetensors").exists()
-    assert main(["train", "rm", str(cfg), "--set", "max_steps=3", "--resume"]) == 0
-    assert "resuming from" in capsys.readouterr().out
+    assert main(["train", "rm", str(cfg), "--set", "max_steps=3", "--resume", "--quiet"]) == 0
+    printed = capsys.readouterr()
+    assert "resuming from" in printed.out and "train:" not in printed.err
     steps = [json.loads(x)["step"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 2, 3, 3]  # train + eval rows of steps 2 and 3

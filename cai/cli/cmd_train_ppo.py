@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set kl_coef=0.1 --set max_steps=20 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train_ppo_command)
 
 
@@ -30,7 +31,7 @@ def run_train_ppo_command(args: argparse.Namespace) -> int:
     from cai.train.ppo import PPOConfig, run_ppo
 
     config = load_train_config(args.config, PPOConfig, parse_sets(args.sets))
-    summary = run_ppo(config, resume=args.resume)
+    summary = run_ppo(config, resume=args.resume, progress=not args.quiet)
     if PartialState().is_main_process:
         print(summary.render())
     return 0

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set lr=2e-5 --set source_weights.ai-harmless=2 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train_rm_command)
 
 
@@ -29,7 +30,7 @@ def run_train_rm_command(args: argparse.Namespace) -> int:
     from cai.train.reward import RewardConfig, run_reward
 
     config = load_train_config(args.config, RewardConfig, parse_sets(args.sets))
-    summary = run_reward(config, resume=args.resume)
+    summary = run_reward(config, resume=args.resume, progress=not args.quiet)
     if PartialState().is_main_process:
         print(summary.render())
     return 0

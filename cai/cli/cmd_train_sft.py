@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set lr=2e-5 --set packing=true (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_train_sft_command)
 
 
@@ -30,7 +31,7 @@ def run_train_sft_command(args: argparse.Namespace) -> int:
     from cai.train.sft import SFTConfig, run_sft
 
     config = load_train_config(args.config, SFTConfig, parse_sets(args.sets))
-    summary = run_sft(config, resume=args.resume)
+    summary = run_sft(config, resume=args.resume, progress=not args.quiet)
     if PartialState().is_main_process:
         print(summary.render())
     return 0

@@ -595,13 +595,14 @@ class Loop(BaseModel):
 
 
 def fit(config: TrainConfig, loop: Loop, loss_fn: LossFn, evaluate: EvalFn | None = None,
-        stop_after: int | None = None) -> TrainState:
+        stop_after: int | None = None, progress: bool = True) -> TrainState:
     """Run optimizer steps from loop.state to loop.total_steps.
 
     loss_fn(model, row_indices) -> (mean loss of the micro-batch, metrics to average for logging).
     Each micro-batch's loss is divided by grad_accum. Evaluates every eval_every steps and at the
     end, checkpoints every save_every steps and at the end. `stop_after` ends the call after that
     many steps in total (tests use it to simulate an interruption), without the final eval/save.
+    `progress`: draw the progress bar (main process only).
     """
     from tqdm import tqdm
 
@@ -611,7 +612,7 @@ def fit(config: TrainConfig, loop: Loop, loss_fn: LossFn, evaluate: EvalFn | Non
     counted = 0
     started = time.perf_counter() - state.elapsed_s
     window_start, window_samples = time.perf_counter(), 0
-    bar = tqdm(total=loop.total_steps, initial=state.step, desc="train", disable=not acc.is_main_process,
+    bar = tqdm(total=loop.total_steps, initial=state.step, desc="train", disable=not (progress and acc.is_main_process),
                dynamic_ncols=True, leave=False)
     while state.step < loop.total_steps:
         if stop_after is not None and state.step >= stop_after:

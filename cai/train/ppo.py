@@ -387,7 +387,7 @@ def _trim_samples(path: Path, step: int) -> None:
 
 
 def run_ppo(config: PPOConfig, resume: bool = False, stop_after: int | None = None,
-            reward_fn: RewardFn | None = None) -> PPOSummary:
+            reward_fn: RewardFn | None = None, progress: bool = True) -> PPOSummary:
     """Train (or resume) the policy with PPO; writes metrics.jsonl, tb/, curves.png, samples.jsonl,
     checkpoints/, final/ and summary.json into config.out_dir. `reward_fn` replaces the reward model
     (rule-based rewards); `stop_after` ends after that many steps (tests)."""
@@ -478,7 +478,7 @@ def run_ppo(config: PPOConfig, resume: bool = False, stop_after: int | None = No
     value_kw = {"critic": value_module} if critic is not None else {"head": value_module}
     totals = state.extra.setdefault("totals", {"generate": 0.0, "score": 0.0, "prepare": 0.0, "update": 0.0,
                                                "generated_tokens": 0.0})
-    bar = tqdm(total=steps, initial=state.step, desc="ppo", disable=not acc.is_main_process, dynamic_ncols=True, leave=False)
+    bar = tqdm(total=steps, initial=state.step, desc="ppo", disable=not (progress and acc.is_main_process), dynamic_ncols=True, leave=False)
     started = time.perf_counter() - state.elapsed_s
     try:
         while state.step < steps:

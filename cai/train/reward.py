@@ -340,7 +340,8 @@ class RewardSummary(BaseModel):
         return "\n".join(lines)
 
 
-def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | None = None) -> RewardSummary:
+def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | None = None,
+               progress: bool = True) -> RewardSummary:
     """Train (or resume) a reward model; writes metrics.jsonl, tb/, curves.png, checkpoints/, final/
     and summary.json into config.out_dir. `stop_after` ends after that many steps (tests)."""
     start = time.perf_counter()
@@ -393,7 +394,7 @@ def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | Non
     loop = Loop(accelerator=acc, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                 stream=stream, total_steps=steps, checkpointer=checkpointer, logger=logger, state=state)
     try:
-        state = fit(config, loop, loss_fn, evaluate if test else None, stop_after=stop_after)
+        state = fit(config, loop, loss_fn, evaluate if test else None, stop_after=stop_after, progress=progress)
     finally:
         logger.close()
     if state.step < steps:  # stopped early on purpose (stop_after)

@@ -376,7 +376,8 @@ def _to(batch: dict[str, torch.Tensor | None], device: torch.device) -> dict[str
     return {k: None if v is None else v.to(device) for k, v in batch.items()}
 
 
-def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = None) -> SFTSummary:
+def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = None,
+            progress: bool = True) -> SFTSummary:
     """Fine-tune (or resume) a causal LM on the final assistant turns; writes metrics.jsonl, tb/,
     curves.png, checkpoints/, final/ and summary.json into config.out_dir."""
     from cai.engines.hf import ensure_pad_token, load_pretrained
@@ -433,7 +434,8 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
             logger.log(0, "eval", first)
         loop = Loop(accelerator=acc, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
                     stream=stream, total_steps=steps, checkpointer=checkpointer, logger=logger, state=state)
-        state = fit(config, loop, loss_fn, evaluate if test_rows else None, stop_after=stop_after)
+        state = fit(config, loop, loss_fn, evaluate if test_rows else None, stop_after=stop_after,
+                    progress=progress)
     finally:
         logger.close()
     if state.step < steps:  # stopped early on purpose (stop_after)
