@@ -578,7 +578,7 @@ EvalFn = Callable[[torch.nn.Module], dict[str, float]]
 
 
 class Loop(BaseModel):
-    """What `fit` needs beyond the config; built by the trainer."""
+    """What `fit` needs beyond the config; built by `start_loop`."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -592,6 +592,28 @@ class Loop(BaseModel):
     checkpointer: Any  # Checkpointer
     logger: Any  # MetricsLogger
     state: TrainState
+
+
+def start_loop(config: TrainConfig, acc: Any, model: torch.nn.Module, tokenizer: Any, out_dir: Path,
+               last: Path | None, n_rows: int, lengths: list[int] | None = None) -> Loop:
+    """The model and optimizer prepared for `acc`, the batch stream over n_rows training rows
+    (`lengths` groups similar lengths), the schedule, and the checkpointer and metrics logger, with
+    the state restored from checkpoint `last` when resuming."""
+    rank, world = dist_info(acc)
+    model = acc.prepare(model)
+    optimizer = acc.prepare(build_optimizer(model, config))
+    stream = BatchStream(n_rows, config.batch_size, config.seed, rank, world, lengths)
+    steps = total_steps(config, stream.per_epoch)
+    scheduler = build_scheduler(optimizer, config, steps)
+    checkpointer = Checkpointer(out_dir, acc, config.keep_checkpoints)
+    state = TrainState()
+    if last is not None:
+        state = checkpointer.restore(last, model, {"optimizer": optimizer, "scheduler": scheduler})
+        if acc.is_main_process:
+            print(f"resuming from {last} (step {state.step} of {steps})")
+    logger = MetricsLogger(out_dir, enabled=acc.is_main_process, resume_step=state.step if last else None)
+    return Loop(accelerator=acc, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
+                stream=stream, total_steps=steps, checkpointer=checkpointer, logger=logger, state=state)
 
 
 def fit(config: TrainConfig, loop: Loop, loss_fn: LossFn, evaluate: EvalFn | None = None,

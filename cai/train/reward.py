@@ -29,14 +29,7 @@ from cai.stages.pairs import PreferenceRow
 from cai.store import read_records
 from cai.train.common import (
     FINAL,
-    BatchStream,
-    Checkpointer,
-    Loop,
-    MetricsLogger,
     TrainConfig,
-    TrainState,
-    build_optimizer,
-    build_scheduler,
     dist_info,
     fit,
     make_accelerator,
@@ -45,7 +38,7 @@ from cai.train.common import (
     resume_point,
     save_pretrained,
     seed_everything,
-    total_steps,
+    start_loop,
     write_json,
 )
 from cai.train.sft import encode_prompt, render_completion, render_prompt
@@ -348,7 +341,6 @@ def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | Non
     out = Path(config.out_dir)
     last = resume_point(out, resume)
     acc = make_accelerator(config)
-    rank, world = dist_info(acc)
     seed_everything(config.seed)
     model_path = config.model_path()
     tokenizer, model = load_reward_model(model_path)
@@ -359,19 +351,9 @@ def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | Non
     if unknown:
         log.warning("source_weights names sources absent from the training data: %s", sorted(unknown))
 
-    model = acc.prepare(model)
-    optimizer = acc.prepare(build_optimizer(model, config))
     lengths = [max(len(p.chosen), len(p.rejected)) for p in train] if config.group_by_length else None
-    stream = BatchStream(len(train), config.batch_size, config.seed, rank, world, lengths)
-    steps = total_steps(config, stream.per_epoch)
-    scheduler = build_scheduler(optimizer, config, steps)
-    checkpointer = Checkpointer(out, acc, config.keep_checkpoints)
-    state = TrainState()
-    if last is not None:
-        state = checkpointer.restore(last, model, {"optimizer": optimizer, "scheduler": scheduler})
-        if acc.is_main_process:
-            print(f"resuming from {last} (step {state.step} of {steps})")
-    logger = MetricsLogger(out, enabled=acc.is_main_process, resume_step=state.step if last else None)
+    loop = start_loop(config, acc, model, tokenizer, out, last, len(train), lengths)
+    model, state, steps, logger = loop.model, loop.state, loop.total_steps, loop.logger
     pad_id = tokenizer.pad_token_id
     weights = {s: config.source_weights.get(s, 1.0) for s in {p.source for p in train}}
 
@@ -391,8 +373,6 @@ def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | Non
         evals.append(evaluate_pairs(m, test, pad_id, acc, config.eval_batch_size, config.margin))
         return evals[-1].flat()
 
-    loop = Loop(accelerator=acc, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                stream=stream, total_steps=steps, checkpointer=checkpointer, logger=logger, state=state)
     try:
         state = fit(config, loop, loss_fn, evaluate if test else None, stop_after=stop_after, progress=progress)
     finally:

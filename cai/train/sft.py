@@ -29,14 +29,7 @@ from cai.conversation import Message, to_hh
 from cai.errors import CaiError, InputError
 from cai.train.common import (
     FINAL,
-    BatchStream,
-    Checkpointer,
-    Loop,
-    MetricsLogger,
     TrainConfig,
-    TrainState,
-    build_optimizer,
-    build_scheduler,
     dist_info,
     epoch_order,
     fit,
@@ -46,7 +39,7 @@ from cai.train.common import (
     resume_point,
     save_pretrained,
     seed_everything,
-    total_steps,
+    start_loop,
     write_json,
 )
 
@@ -386,7 +379,6 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
     out = Path(config.out_dir)
     last = resume_point(out, resume)
     acc = make_accelerator(config)
-    rank, world = dist_info(acc)
     seed_everything(config.seed)
     train_ex, test_ex, empty = _split_examples(config)  # before the model: a bad file fails in a second
     model_path = config.model_path()
@@ -401,19 +393,9 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
     rows = pack(train_tok, config.max_length) if config.packing else [[t] for t in train_tok]
     test_rows = [[t] for t in test_tok]
 
-    model = acc.prepare(model)
-    optimizer = acc.prepare(build_optimizer(model, config))
     lengths = [sum(len(e.input_ids) for e in r) for r in rows] if config.group_by_length and not config.packing else None
-    stream = BatchStream(len(rows), config.batch_size, config.seed, rank, world, lengths)
-    steps = total_steps(config, stream.per_epoch)
-    scheduler = build_scheduler(optimizer, config, steps)
-    checkpointer = Checkpointer(out, acc, config.keep_checkpoints)
-    state = TrainState()
-    if last is not None:
-        state = checkpointer.restore(last, model, {"optimizer": optimizer, "scheduler": scheduler})
-        if acc.is_main_process:
-            print(f"resuming from {last} (step {state.step} of {steps})")
-    logger = MetricsLogger(out, enabled=acc.is_main_process, resume_step=state.step if last else None)
+    loop = start_loop(config, acc, model, tokenizer, out, last, len(rows), lengths)
+    model, state, steps, logger = loop.model, loop.state, loop.total_steps, loop.logger
     pad_id = tokenizer.pad_token_id
 
     def loss_fn(m: torch.nn.Module, idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -432,8 +414,6 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
             first = evaluate(model)
             state.extra["test_loss_before"] = first["loss"]
             logger.log(0, "eval", first)
-        loop = Loop(accelerator=acc, model=model, tokenizer=tokenizer, optimizer=optimizer, scheduler=scheduler,
-                    stream=stream, total_steps=steps, checkpointer=checkpointer, logger=logger, state=state)
         state = fit(config, loop, loss_fn, evaluate if test_rows else None, stop_after=stop_after,
                     progress=progress)
     finally:
