@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,9 +87,8 @@ def validation_errors(doc: LocatedYaml, err: ValidationError) -> list[InputError
     return out
 
 
-def load_model(path: str | Path, model: type[BaseModel], overrides: dict[str, Any] | None = None) -> Any:
-    """Load a YAML file into a pydantic model, applying dotted-key overrides; errors name the line."""
-    doc = load_yaml(path)
+def data_with_overrides(doc: LocatedYaml, overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The document's top-level mapping with dotted-key overrides (`a.b=1`) written into it."""
     data = doc.data if doc.data is not None else {}
     if not isinstance(data, dict):
         raise InputError(str(doc.path), "expected a mapping at the top level", line=1)
@@ -97,7 +97,16 @@ def load_model(path: str | Path, model: type[BaseModel], overrides: dict[str, An
         parts = key.split(".")
         for part in parts[:-1]:
             target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise InputError("<command line>", f"--set {key}: {part} is not a mapping")
         target[parts[-1]] = value
+    return data
+
+
+def load_model(path: str | Path, model: type[BaseModel], overrides: dict[str, Any] | None = None) -> Any:
+    """Load a YAML file into a pydantic model, applying dotted-key overrides; errors name the line."""
+    doc = load_yaml(path)
+    data = data_with_overrides(doc, overrides)
     try:
         return model.model_validate(data)
     except ValidationError as err:

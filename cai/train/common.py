@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cai.errors import CaiError, InputError
-from cai.yamlio import load_yaml, parse_override, validation_errors
+from cai.errors import CaiError
+from cai.yamlio import data_with_overrides, load_yaml, parse_override, validation_errors
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -101,17 +101,7 @@ def load_train_config(path: str | Path, cls: type[BaseModel], overrides: Mapping
     """Validate a YAML config (+ dotted overrides) into `cls`. Errors name file:line and the field;
     a bad value that came from an override says so."""
     doc = load_yaml(path)
-    data = doc.data if doc.data is not None else {}
-    if not isinstance(data, dict):
-        raise InputError(str(doc.path), "expected a mapping at the top level", line=1)
-    for key, value in (overrides or {}).items():
-        target = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise InputError("<command line>", f"--set {key}: {part} is not a mapping")
-        target[parts[-1]] = value
+    data = data_with_overrides(doc, overrides)
     try:
         return cls.model_validate(data)
     except ValidationError as err:
