@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cai.errors import CaiError
 from cai.stages.critique import CritiqueConfig
 
 GROUP = None
@@ -54,30 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def load_config(args: argparse.Namespace) -> CritiqueConfig:
-    from cai.yamlio import load_model
+    from cai.cli.config_args import config_from_args
 
     fields = [dest for dest, _, _ in _FLAGS.values()] + ["tags", "with_replacement", "force"]
-    overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
-    if args.engine_option:
-        from cai.yamlio import parse_override
-
-        options = dict(parse_override(item) for item in args.engine_option)
-        if args.config:  # merged into the config file's engine_options
-            overrides.update({f"engine_options.{k}": v for k, v in options.items()})
-        else:
-            overrides["engine_options"] = options
-    if args.config:
-        return load_model(args.config, CritiqueConfig, overrides)
-    missing = [f"--{k}" for k in ("prompts", "constitution", "out") if k not in overrides]
-    if missing:
-        raise CaiError(f"cai generate needs {', '.join(missing)} (or a --config YAML that sets them)")
-    from pydantic import ValidationError
-
-    try:
-        return CritiqueConfig.model_validate(overrides)
-    except ValidationError as err:
-        first = err.errors()[0]
-        raise CaiError(f"--{str(first['loc'][0]).replace('_', '-')}: {first['msg']}") from None
+    return config_from_args(args, CritiqueConfig, fields, ("prompts", "constitution", "out"), "cai generate")
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -6,9 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
-from cai.errors import CaiError
+from pydantic import BaseModel
 
 GROUP = None
 
@@ -86,29 +84,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_config(args: argparse.Namespace, model: type[BaseModel], flags: dict[str, tuple[str, Any, str]],
                  required: tuple[str, ...], command: str) -> Any:
-    from cai.yamlio import load_model
+    from cai.cli.config_args import config_from_args
 
     fields = [dest for dest, _, _ in flags.values()] + _SWITCHES + ["skip_malformed"]
-    overrides = {k: getattr(args, k) for k in fields if getattr(args, k, None) is not None}
-    if args.engine_option:
-        from cai.yamlio import parse_override
-
-        options = dict(parse_override(item) for item in args.engine_option)
-        if args.config:  # merged into the config file's engine_options
-            overrides.update({f"engine_options.{k}": v for k, v in options.items()})
-        else:
-            overrides["engine_options"] = options
-    if args.config:
-        return load_model(args.config, model, overrides)
-    missing = [f"--{k}" for k in required if k not in overrides]
-    if missing:
-        raise CaiError(f"{command} needs {', '.join(missing)} (or a --config YAML that sets them)")
-    try:
-        return model.model_validate(overrides)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = f"--{str(first['loc'][0]).replace('_', '-')}: " if first["loc"] else ""
-        raise CaiError(f"{command}: {where}{first['msg']}") from None
+    return config_from_args(args, model, fields, required, command)
 
 
 def run_label_command(args: argparse.Namespace) -> int:

@@ -5,10 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pydantic import ValidationError
-
-from cai.errors import CaiError
-
 GROUP = None
 
 
@@ -39,24 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_mix_command(args: argparse.Namespace) -> int:
+    from cai.cli.config_args import config_from_args
     from cai.stages.mix import MixConfig, run_mix
-    from cai.yamlio import load_model
 
     fields = ["ai", "human", "out", "ratio", "ai_count", "human_count", "test_size", "seed", "ai_source",
               "human_source", "skip_malformed"]
-    overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
-    if args.config:
-        config = load_model(args.config, MixConfig, overrides)
-    else:
-        missing = [f"--{k}" for k in ("ai", "human", "out") if k not in overrides]
-        if missing:
-            raise CaiError(f"cai mix needs {', '.join(missing)} (or a --config YAML that sets them)")
-        try:
-            config = MixConfig.model_validate(overrides)
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = f"--{str(first['loc'][0]).replace('_', '-')}: " if first["loc"] else ""
-            raise CaiError(f"cai mix: {where}{first['msg']}") from None
+    config = config_from_args(args, MixConfig, fields, ("ai", "human", "out"), "cai mix")
     summary = run_mix(config)
     print(summary.render())
     out = Path(config.out)
