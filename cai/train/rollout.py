@@ -70,15 +70,16 @@ def response_text(tokenizer: Any, tokens: Sequence[int], reason: FinishReason, s
     return text.strip()
 
 
-def build_rollout(prompts: list[list[int]], tokens: list[list[int]], reasons: list[FinishReason],
-                  texts: list[str], pad_id: int) -> Rollout:
-    """Pad prompts left and responses right (pad after each row's end) into one Rollout."""
-    query, query_mask = left_pad(prompts, pad_id, torch.device("cpu"))
+def build_rollout(query: torch.Tensor, query_mask: torch.Tensor, tokens: list[list[int]],
+                  reasons: list[FinishReason], tokenizer: Any, stop: tuple[str, ...], pad_id: int) -> Rollout:
+    """The left-padded prompts and each row's sampled ids (right-padded after its end) as one Rollout,
+    with the response texts PPO scores."""
     width = max(len(t) for t in tokens)
     response = torch.full((len(tokens), width), pad_id, dtype=torch.long)
     for i, t in enumerate(tokens):
         response[i, :len(t)] = torch.tensor(t, dtype=torch.long)
     ended_at = torch.tensor([len(t) - 1 for t in tokens])
+    texts = [response_text(tokenizer, t, r, stop) for t, r in zip(tokens, reasons)]
     return Rollout(query=query, query_mask=query_mask, response=response, ended_at=ended_at,
                    finish_reasons=reasons, texts=texts)
 
@@ -152,8 +153,7 @@ class PolicySampler:
         finally:
             self.model.train(was_training)
         final: list[FinishReason] = [r or "length" for r in reasons]
-        texts = [response_text(self.tokenizer, t, r, self.stop) for t, r in zip(out_tokens, final)]
-        return build_rollout(prompts, out_tokens, final, texts, self.pad_id)
+        return build_rollout(query, query_mask, out_tokens, final, self.tokenizer, self.stop, self.pad_id)
 
     def sync(self, policy: torch.nn.Module) -> None:
         self.model = policy
@@ -188,8 +188,8 @@ class VLLMSampler:
                 ids, reason = [self.tokenizer.eos_token_id], "eos"
             tokens.append(ids)
             reasons.append(reason)
-        texts = [response_text(self.tokenizer, t, r, self.stop) for t, r in zip(tokens, reasons)]
-        return build_rollout(prompts, tokens, reasons, texts, self.pad_id)
+        query, query_mask = left_pad(prompts, self.pad_id, torch.device("cpu"))
+        return build_rollout(query, query_mask, tokens, reasons, self.tokenizer, self.stop, self.pad_id)
 
     def sync(self, policy: torch.nn.Module) -> None:
         self.engine.load_weights((name, p.detach()) for name, p in policy.named_parameters())
