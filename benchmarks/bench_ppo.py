@@ -29,8 +29,6 @@ import argparse
 import itertools
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,15 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from _workers import device, peak_memory_mb, report_result, run_worker
 
 
 def _episodes(a: argparse.Namespace) -> int:
@@ -81,7 +71,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
             "gen_tokens_per_s": tokens / parts["generate"], "mean_response_tokens": tokens / _episodes(a),
             "breakdown_s": parts, "breakdown_share": {k: v / step for k, v in parts.items()},
             "timed_steps": len(rows), "score_mean": sum(r["score"] for r in rows) / len(rows),
-            "peak_mb": _peak_memory_mb(_device())}
+            "peak_mb": peak_memory_mb()}
 
 
 def worker_trl(a: argparse.Namespace) -> dict:
@@ -106,7 +96,7 @@ def worker_trl(a: argparse.Namespace) -> dict:
         max_completion_length=a.max_new_tokens, temperature=a.temperature, beta=0.05, num_iterations=1,
         learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=1.0, max_steps=a.steps,
         logging_steps=1, save_strategy="no", report_to="none", seed=a.seed, bf16=False, gradient_checkpointing=False,
-        disable_dropout=True, use_cpu=_device() == "cpu", dataloader_num_workers=0, log_completions=False,
+        disable_dropout=True, use_cpu=device() == "cpu", dataloader_num_workers=0, log_completions=False,
     )
     trainer = RLOOTrainer(model=policy, reward_funcs=rm, args=args, train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
                           processing_class=tok, reward_processing_classes=rm_tok)
@@ -132,7 +122,7 @@ def worker_trl(a: argparse.Namespace) -> dict:
                 marks.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kwargs):
-            if _device() == "cuda":
+            if device() == "cuda":
                 torch.cuda.synchronize()
             marks.append(time.perf_counter())
 
@@ -152,7 +142,7 @@ def worker_trl(a: argparse.Namespace) -> dict:
     return {"step_s": step, "tokens_per_step": tokens, "tokens_per_s": tokens / step,
             "gen_tokens_per_s": tokens / parts["generate"], "mean_response_tokens": tokens / _episodes(a),
             "breakdown_s": parts, "breakdown_share": {k: v / step for k, v in parts.items()}, "timed_steps": len(steps),
-            "score_mean": sum(rewards[1:]) / len(rewards[1:]), "peak_mb": _peak_memory_mb(_device())}
+            "score_mean": sum(rewards[1:]) / len(rewards[1:]), "peak_mb": peak_memory_mb()}
 
 
 # ---------------------------------------------------------------- driver
@@ -200,7 +190,7 @@ def main() -> int:
     if a.worker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         result = {"ours": worker_ours, "trl": worker_trl}[a.worker](a)
-        print("RESULT " + json.dumps(result))
+        report_result(result)
         return 0
     if a.model is None:
         from cai.default_model import default_model_path
@@ -211,7 +201,7 @@ def main() -> int:
     start = time.perf_counter()
     report: dict = {"model": a.model, "steps": a.steps, "prompts_per_step": a.prompts,
                     "completions_per_prompt": a.completions, "max_new_tokens": a.max_new_tokens, "micro_batch": a.micro,
-                    "temperature": a.temperature, "critic": a.critic, "device": _device(),
+                    "temperature": a.temperature, "critic": a.critic, "device": device(),
                     "threads": torch.get_num_threads()}
     report.update(prepare(a))
     base = [sys.executable, __file__, "--model", a.model, "--prompt-file", a.prompt_file, "--steps", str(a.steps),
@@ -219,12 +209,7 @@ def main() -> int:
             "--micro", str(a.micro), "--temperature", str(a.temperature), "--lr", str(a.lr), "--critic", a.critic,
             "--seed", str(a.seed), "--out", a.out]
     for name in ("trl", "ours"):
-        proc = subprocess.run(base + ["--worker", name], check=False, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stderr[-4000:], file=sys.stderr)
-            raise SystemExit(f"worker {name} failed (exit {proc.returncode})")
-        report[name] = json.loads(lines[-1][len("RESULT "):])
+        report[name] = run_worker(base + ["--worker", name], name)
     report["tokens_per_s_ratio_ours_over_trl"] = report["ours"]["tokens_per_s"] / report["trl"]["tokens_per_s"]
     report["gen_tokens_per_s_ratio_ours_over_trl"] = report["ours"]["gen_tokens_per_s"] / report["trl"]["gen_tokens_per_s"]
     report["step_time_ratio_ours_over_trl"] = report["ours"]["step_s"] / report["trl"]["step_s"]

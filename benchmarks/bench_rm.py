@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,16 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
+from _workers import device, peak_memory_mb, report_result, run_worker
 
 # ---------------------------------------------------------------- workers (one per subprocess)
 
@@ -83,7 +72,7 @@ def _result(a: argparse.Namespace, marks: list[tuple[float, float]], first: floa
     cpu = marks[-1][1] - marks[0][1]
     return {"pairs_per_s": timed * a.batch_size / wall, "pairs_per_cpu_s": timed * a.batch_size / cpu,
             "timed_steps": timed, "wall_s": wall, "cpu_s": cpu, "first_loss": first, "last_loss": last,
-            "peak_mb": _peak_memory_mb(_device())}
+            "peak_mb": peak_memory_mb()}
 
 
 def worker_trl(a: argparse.Namespace) -> dict:
@@ -102,14 +91,14 @@ def worker_trl(a: argparse.Namespace) -> dict:
         max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, bf16=a.dtype == "bf16", gradient_checkpointing=False, logging_steps=1,
         save_strategy="no", report_to="none", max_length=None, seed=a.seed, dataloader_num_workers=0,
-        disable_dropout=True, use_cpu=_device() == "cpu",
+        disable_dropout=True, use_cpu=device() == "cpu",
     )
     marks: list[tuple[float, float]] = []
     losses: list[float] = []
 
     class Clock(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, **kwargs):  # after clipping, before the update
-            if _device() == "cuda":
+            if device() == "cuda":
                 torch.cuda.synchronize()
             marks.append((time.perf_counter(), time.process_time()))
 
@@ -183,7 +172,7 @@ def main() -> int:
     if a.worker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         result = {"trl": worker_trl}.get(a.worker, worker_ours)(a)
-        print("RESULT " + json.dumps(result))
+        report_result(result)
         return 0
     if a.model is None:
         from cai.default_model import default_model_path
@@ -193,7 +182,7 @@ def main() -> int:
     Path(a.out).mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     report: dict = {"model": a.model, "data": a.data, "steps": a.steps, "batch_size": a.batch_size,
-                    "max_length": a.max_length, "dtype": a.dtype, "device": _device(),
+                    "max_length": a.max_length, "dtype": a.dtype, "device": device(),
                     "threads": torch.get_num_threads()}
     report.update(prepare(a))
     a.steps = a.steps or -(-report["pairs"] // a.batch_size)
@@ -205,12 +194,7 @@ def main() -> int:
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(a.rounds):
         for name in names:
-            proc = subprocess.run(base + ["--worker", name, "--round", str(r)], check=False, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                print(proc.stderr[-4000:], file=sys.stderr)
-                raise SystemExit(f"worker {name} failed (exit {proc.returncode})")
-            runs[name].append(json.loads(lines[-1][len("RESULT "):]))
+            runs[name].append(run_worker(base + ["--worker", name, "--round", str(r)], name))
             print(name, r, runs[name][-1], file=sys.stderr, flush=True)
     for name, rs in runs.items():  # best round: the one least disturbed by other jobs
         report[name] = {"runs": rs, "best_pairs_per_s": max(x["pairs_per_s"] for x in rs),
