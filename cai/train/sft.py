@@ -15,10 +15,7 @@ than the transformer body per token, and prompt positions carry no loss anyway.
 
 from __future__ import annotations
 
-import gzip
-import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,33 +134,14 @@ def row_to_example(row: dict[str, Any], path: str, line: int) -> SFTExample:
     return SFTExample(prompt=prompt, response=response)
 
 
-def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from enumerate(pq.read_table(path).to_pylist(), start=1)
-        return
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InputError(str(path), f"not valid JSON ({e.msg})", line=lineno) from None
-            if not isinstance(obj, dict):
-                raise InputError(str(path), "expected a JSON object", line=lineno)
-            yield lineno, obj
-
-
 def load_examples(path: str | Path) -> tuple[list[SFTExample], int]:
-    """All examples of a JSONL (.gz) or parquet file, and how many rows were skipped for an empty response."""
+    """All examples of a JSONL (.gz), parquet or other datasets-loadable file, and how many rows were
+    skipped for an empty response."""
+    from cai.stages.inputs import iter_rows
+
     p = Path(path)
-    if not p.exists():
-        raise InputError(str(p), "file not found")
     examples, empty = [], 0
-    for line, row in _iter_rows(p):
+    for line, row in iter_rows(p):
         ex = row_to_example(row, str(p), line)
         if ex.response.strip():
             examples.append(ex)
