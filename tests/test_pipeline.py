@@ -36,14 +36,7 @@ from cai.train.ppo import PPOSummary
 from cai.train.reward import RewardSummary
 from cai.train.sft import SFTSummary
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on a shared 2-core CPU spinning threads make them slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def pipeline_yaml(tmp: Path, model: Path, repo: Path, run_dir: str = "run", **sections: dict[str, Any]) -> Path:

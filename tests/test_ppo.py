@@ -35,13 +35,7 @@ DIGITS = set("0123456789")
 TIMING = {"time_generate", "time_score", "time_prepare", "time_update", "tokens_per_s", "gen_tokens_per_s"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and on a shared, busy CPU spinning threads make them ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digit_reward(convs: list, texts: list[str]) -> list[float]:

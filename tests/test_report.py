@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 from test_pipeline import pipeline_yaml
 
@@ -28,12 +27,7 @@ from cai.report import SECTIONS, render_report
 NASTY = '<script>alert("x")</script> & <img src=x onerror=alert(1)>'
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
