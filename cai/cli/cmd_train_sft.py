@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from cai.cli.trainer_args import add_trainer_args, run_trainer
+
 GROUP = "train"
 
 
@@ -16,22 +18,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "final/ and summary.json. Multi-GPU: `accelerate launch --config_file examples/accelerate/ddp.yaml -m cai "
         "train sft CONFIG.yaml`.",
     )
-    p.add_argument("config", help="YAML config (see examples/sft.yaml)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set lr=2e-5 --set packing=true (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_trainer_args(p, "examples/sft.yaml", "--set lr=2e-5 --set packing=true")
     p.set_defaults(func=run_train_sft_command)
 
 
 def run_train_sft_command(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
-    from cai.train.common import load_train_config, parse_sets
     from cai.train.sft import SFTConfig, run_sft
 
-    config = load_train_config(args.config, SFTConfig, parse_sets(args.sets))
-    summary = run_sft(config, resume=args.resume, progress=not args.quiet)
-    if PartialState().is_main_process:
-        print(summary.render())
-    return 0
+    return run_trainer(args, SFTConfig, run_sft)
