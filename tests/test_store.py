@@ -1,0 +1,161 @@
+"""The store's integrity rules: one writer per output (a lock that names its holder and dies with
+it), one row per id on read, resume and export, and the lock helper for training run directories."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from store_writer import Row, make_row
+
+from cai.errors import CaiError
+from cai.locking import InUseError, lock_run_dir, read_holder
+from cai.records import SFTRecord
+from cai.stages.export import export_stage_output
+from cai.store import JsonlStore, read_records
+
+WRITER = Path(__file__).with_name("store_writer.py")
+
+
+def start_writer(out: Path, n: int, *extra: str) -> subprocess.Popen:
+    """A writer process that has opened `out` (and so holds its lock) when this returns."""
+    proc = subprocess.Popen([sys.executable, str(WRITER), str(out), str(n), *extra], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "open", proc.stderr.read()
+    return proc
+
+
+def run_writer(out: Path, n: int, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(WRITER), str(out), str(n), *extra], capture_output=True,
+                          text=True, timeout=120)
+
+
+def ids_in(path: Path) -> list[str]:
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+def test_second_process_on_same_output_stops_with_the_holders_pid(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    holder = start_writer(out, 5, "--hold")
+    try:
+        second = run_writer(out, 5)
+        assert second.returncode == 1
+        err = second.stderr.strip()
+        assert f"{out} is already in use by pid {holder.pid} (started " in err
+        assert "Wait for it or stop it" in err and "Traceback" not in err and "\n" not in err
+        assert not out.exists() or out.read_text() == ""  # the second one wrote nothing
+    finally:
+        holder.communicate("go\n", timeout=60)
+    assert holder.returncode == 0
+    assert ids_in(out) == [make_row(i, 20).id for i in range(5)]
+    assert not (tmp_path / "out.jsonl.lock").exists()  # released on close
+
+
+def test_lock_of_a_killed_writer_does_not_block_the_next_run(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    holder = start_writer(out, 5, "--hold")
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait(timeout=30)
+    lock = tmp_path / "out.jsonl.lock"
+    assert read_holder(lock)["pid"] == holder.pid  # the dead process's lock file is still there
+    rerun = run_writer(out, 5)
+    assert rerun.returncode == 0, rerun.stderr
+    assert len(ids_in(out)) == 5 and not lock.exists()
+
+
+def test_same_output_twice_in_one_process_is_refused_until_closed(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    first = JsonlStore(out, Row, stage="writer", config={})
+    with pytest.raises(InUseError, match=f"in use by pid {os.getpid()}"):
+        JsonlStore(out, Row, stage="writer", config={})
+    first.close()
+    with JsonlStore(out, Row, stage="writer", config={}) as again:
+        again.append(make_row(0, 5))
+    assert len(ids_in(out)) == 1
+
+
+def test_generate_refuses_an_output_another_process_writes(tmp_path: Path, repo_root: Path) -> None:
+    from scripted import ScriptedEngine
+
+    from cai.stages.critique import CritiqueConfig, run_critique
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}?"}) + "\n" for i in range(3)))
+    out = tmp_path / "sft.jsonl"
+    holder = start_writer(out, 1, "--hold")
+    try:
+        config = CritiqueConfig(prompts=prompts, constitution=repo_root / "constitutions" / "harmless.yaml",
+                                out=out, rounds=1)
+        with pytest.raises(CaiError, match=f"already in use by pid {holder.pid}"):
+            run_critique(config, engine=ScriptedEngine(), progress=False)
+    finally:
+        holder.communicate("go\n", timeout=60)
+
+
+def test_run_dir_lock_names_the_holder_and_is_released(tmp_path: Path) -> None:
+    run = tmp_path / "rm-run"
+    lock = lock_run_dir(run)
+    assert (run / ".cai.lock").exists()
+    with pytest.raises(InUseError, match=f"{run} is already in use by pid {os.getpid()}"):
+        lock_run_dir(run)
+    lock.release()
+    assert not (run / ".cai.lock").exists()
+    lock_run_dir(run).release()
+
+
+def _file_with_repeats(path: Path) -> list[str]:
+    """Rows 0,1,2 with rows 0 and 2 written twice (the second copies differ, as a racing writer's would)."""
+    rows = [make_row(i, 10) for i in range(3)]
+    again = [r.model_copy(update={"text": "second copy"}) for r in (rows[0], rows[2])]
+    path.write_text("".join(r.model_dump_json() + "\n" for r in [rows[0], rows[1], again[0], rows[2], again[1]]))
+    return [r.id for r in rows]
+
+
+def test_readers_keep_the_first_row_of_each_id_and_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "out.jsonl"
+    ids = _file_with_repeats(path)
+    with caplog.at_level(logging.WARNING, logger="cai.store"):
+        rows = read_records(path, Row)
+    assert [r.id for r in rows] == ids
+    assert all(r.text != "second copy" for r in rows)
+    assert "dropped 2 row(s) whose id appeared earlier" in caplog.text and str(path) in caplog.text
+
+
+def test_resume_rewrites_a_file_with_repeated_ids(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "out.jsonl"
+    JsonlStore(path, Row, stage="writer", config={}).close()  # the fingerprint of an earlier run
+    ids = _file_with_repeats(path)
+    with caplog.at_level(logging.WARNING, logger="cai.store"):
+        with JsonlStore(path, Row, stage="writer", config={}) as store:
+            assert store.ids == set(ids)
+            store.append(make_row(3, 10))
+    assert ids_in(path) == ids + [make_row(3, 10).id]
+    assert "second copy" not in path.read_text()
+    assert "dropped 2 row(s)" in caplog.text
+
+
+def test_export_drops_repeated_ids_with_a_warning(tmp_path: Path, repo_root: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from scripted import ScriptedEngine
+
+    from cai.stages.critique import CritiqueConfig, run_critique
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}?"}) + "\n" for i in range(3)))
+    out = tmp_path / "sft.jsonl"
+    config = CritiqueConfig(prompts=prompts, constitution=repo_root / "constitutions" / "harmless.yaml",
+                            out=out, rounds=1)
+    run_critique(config, engine=ScriptedEngine(), progress=False)
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines + lines[:2]) + "\n")  # two rows written twice, as two racing runs did
+    with caplog.at_level(logging.WARNING, logger="cai.store"):
+        counts = export_stage_output(out, tmp_path / "export")
+    assert counts["messages"] == 3
+    assert "dropped 2 row(s)" in caplog.text
+    assert len(read_records(out, SFTRecord)) == 3
