@@ -124,8 +124,11 @@ def _write_holder(fd: int) -> None:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(sys.argv)[:500],
     }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+    except OSError:  # a full disk: the lock holds all the same, only the message loses its pid
+        pass
 
 
 def _same_file(fd: int, path: Path) -> bool:

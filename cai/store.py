@@ -252,10 +252,19 @@ class JsonlStore(Generic[R]):
     def _write_meta(self) -> None:
         from cai import __version__
 
-        write_meta(self.path, StoreMeta(
+        meta = StoreMeta(
             stage=self.stage, config_hash=self.config_hash, config=self.config,
             record_type=self.record_type.__name__, cai_version=__version__, source=self.source,
-        ))
+        )
+        try:
+            write_meta(self.path, meta)
+        except OSError as e:
+            meta_path(self.path).with_suffix(".tmp").unlink(missing_ok=True)
+            raise CaiError(
+                f"{meta_path(self.path)}: could not write the fingerprint ({e.strerror}). Nothing was lost: the "
+                f"{len(self._ids)} rows in {self.path} are kept. Free some space (or fix the folder's permissions) "
+                "and rerun the same command to resume."
+            ) from None
 
     def __contains__(self, record_id: str) -> bool:
         return record_id in self._ids
