@@ -39,10 +39,6 @@ class Lock:
         self.path = lock_file
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self) -> Lock:
         """Take the lock or raise `InUseError` naming the holder; never waits."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,12 +81,6 @@ class Lock:
         )
 
     def __del__(self) -> None:  # a holder dropped without release() must not keep the lock
-        self.release()
-
-    def __enter__(self) -> Lock:
-        return self.acquire() if not self.held else self
-
-    def __exit__(self, *exc: object) -> None:
         self.release()
 
 

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -154,16 +154,31 @@ def read_records(path: Path, record_type: type[R]) -> list[R]:
     return out
 
 
+def write_lines_atomic(path: Path, lines: Iterable[bytes]) -> None:
+    """Write `path` from whole lines (each ending in a newline) so that a kill or a full disk
+    leaves the old file or the new one, never a mix; a failed write removes the temporary file."""
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        with tmp.open("wb") as dst:
+            for line in lines:
+                dst.write(line)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _drop_lines(path: Path, linenos: set[int]) -> None:
     """Rewrite `path` without the given (1-based) lines, atomically."""
-    tmp = path.with_name(path.name + ".dedup.tmp")
-    with path.open("rb") as src, tmp.open("wb") as dst:
-        for lineno, line in enumerate(src, start=1):
-            if lineno not in linenos:
-                dst.write(line)
-        dst.flush()
-        os.fsync(dst.fileno())
-    os.replace(tmp, path)
+    with path.open("rb") as src:
+        write_lines_atomic(path, (line for lineno, line in enumerate(src, start=1) if lineno not in linenos))
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The top-level config fields whose values differ (what to name when fingerprints disagree)."""
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -238,7 +253,7 @@ class JsonlStore(Generic[R]):
             what = "was written by a different stage config" if old else "has no .meta.json fingerprint"
             changed = ""
             if old is not None:
-                keys = sorted(k for k in set(old.config) | set(self.config) if old.config.get(k) != self.config.get(k))
+                keys = changed_keys(old.config, self.config)
                 changed = f" (changed: {', '.join(keys)})" if keys else ""
             raise CaiError(
                 f"{self.path} {what}{changed}. Rerun with the same settings to resume it, pass "

@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pydantic import BaseModel  # noqa: E402
+from pydantic import BaseModel
 
-from cai.errors import CaiError  # noqa: E402
-from cai.hashing import record_id  # noqa: E402
-from cai.store import JsonlStore, SourcePlan  # noqa: E402
+from cai.errors import CaiError
+from cai.hashing import record_id
+from cai.store import JsonlStore, SourcePlan
 
 
 class Row(BaseModel):

@@ -32,7 +32,7 @@ def start_writer(out: Path, n: int, *extra: str) -> subprocess.Popen:
 
 
 def run_writer(out: Path, n: int, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(WRITER), str(out), str(n), *extra], capture_output=True,
+    return subprocess.run([sys.executable, str(WRITER), str(out), str(n), *extra], check=False, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -131,10 +131,9 @@ def test_resume_rewrites_a_file_with_repeated_ids(tmp_path: Path, caplog: pytest
     path = tmp_path / "out.jsonl"
     JsonlStore(path, Row, stage="writer", config={}).close()  # the fingerprint of an earlier run
     ids = _file_with_repeats(path)
-    with caplog.at_level(logging.WARNING, logger="cai.store"):
-        with JsonlStore(path, Row, stage="writer", config={}) as store:
-            assert store.ids == set(ids)
-            store.append(make_row(3, 10))
+    with caplog.at_level(logging.WARNING, logger="cai.store"), JsonlStore(path, Row, stage="writer", config={}) as store:
+        assert store.ids == set(ids)
+        store.append(make_row(3, 10))
     assert ids_in(path) == ids + [make_row(3, 10).id]
     assert "second copy" not in path.read_text()
     assert "dropped 2 row(s)" in caplog.text

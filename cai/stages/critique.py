@@ -34,8 +34,8 @@ from cai.prompts import (
     revision_messages,
 )
 from cai.records import CritiqueStep, Flags, Provenance, SFTRecord
-from cai.stages.inputs import load_prompts, parse_shard, shard_indices
-from cai.store import JsonlStore
+from cai.stages.inputs import load_prompts, parse_shard, shard_indices, shard_spec
+from cai.store import JsonlStore, SourcePlan
 
 # A critique that says one of these (and no problem word) found nothing to fix.
 _NOTHING_FOUND = re.compile(
@@ -276,7 +276,8 @@ def run_critique(config: CritiqueConfig, engine: Engine | None = None, progress:
     stage = CritiqueStage(config, engine, constitution, few_shot)
     rows = [stage.new_row(i, conversations[i]) for i in indices]
 
-    store = JsonlStore(config.out, SFTRecord, stage="critique", config=stage.fingerprint, force=config.force)
+    store = JsonlStore(config.out, SFTRecord, stage="critique", config=stage.fingerprint, force=config.force,
+                       source=SourcePlan(input=str(config.prompts), rows=len(conversations), shard=shard_spec(config.shard)))
     todo = [r for r in rows if r.id not in store]
     skipped = len(rows) - len(todo)
     start = time.perf_counter()

@@ -24,6 +24,11 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return i, n
 
 
+def shard_spec(spec: str | None) -> str:
+    """The canonical 'i/n' of a --shard value ('0/1' for none)."""
+    return "{}/{}".format(*parse_shard(spec))
+
+
 def _iter_dataset_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     import datasets
 
