@@ -159,3 +159,25 @@ def test_bad_part_lists_are_refused(tmp_path: Path, shards: list[Path], capsys: 
     (tmp_path / "m.jsonl").write_text("keep me\n")
     rc, _, err = merge(capsys, *shards, "--out", tmp_path / "m.jsonl")
     assert rc == 1 and "already exists; pass --force" in err and (tmp_path / "m.jsonl").read_text() == "keep me\n"
+
+
+def test_label_shards_merge_without_a_completeness_check(tmp_path: Path, repo_root: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    from cai.stages.label import LabelConfig, run_label
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q {i}?", "response_a": f"yes {i}", "response_b": f"no {i}"}) + "\n"
+                             for i in range(5)))
+    parts = []
+    for i in range(2):
+        out = tmp_path / f"labels{i}.jsonl"
+        run_label(LabelConfig(pairs=pairs, constitution=repo_root / "constitutions" / "harmless.yaml", out=out,
+                              shard=f"{i}/2"), engine=ScriptedEngine(), progress=False)
+        parts.append(out)
+    out = tmp_path / "labels.jsonl"
+    rc, stdout, err = merge(capsys, *parts, "--out", out)
+    assert rc == 0, err
+    assert "5 rows" in stdout and "source rows not checked (stage label may skip inputs on purpose)" in stdout
+    assert sorted(json.loads(line)["source_index"] for line in out.read_text().splitlines()) == [1, 2, 3, 4, 5]
+    rc, _, err = merge(capsys, *parts, "--out", tmp_path / "other.jsonl", "--input", pairs)
+    assert rc == 1 and "--input: completeness is checked for outputs of stages ['critique'], not 'label'" in err

@@ -8,7 +8,9 @@ Rules, so a merge can never quietly hand a trainer the wrong data:
   engine that is not batch-invariant) the merge is refused, as it cannot choose;
 - missing source rows are found by `source_index` against the input: `--input FILE` (every row of
   it), else what the parts' `.meta.json` record (input row count and shard). Missing rows refuse
-  the merge unless `--allow-incomplete`;
+  the merge unless `--allow-incomplete`. This holds for `critique` (cai generate) outputs, which
+  write one row per input row with a 0-based `source_index`; `label` outputs are not checked (they
+  number rows by input line and write no row for a pair of identical responses), and say so;
 - a part still being written (its lock held) is refused; the output is written atomically, with
   a `.meta.json` carrying the shared fingerprint (so the stage can resume into it) and a
   `<out>.merge.json` summary.
@@ -38,6 +40,7 @@ from cai.store import (
 )
 
 _SHOWN = 5  # ids / indices named in a message
+_ONE_ROW_PER_SOURCE = {"critique"}  # stages writing one row per input row, source_index = its 0-based position
 
 
 class MergeConfig(BaseModel):
@@ -64,14 +67,17 @@ class MergeSummary(BaseModel):
     parts: list[PartReport]
     rows_written: int
     duplicate_ids: int = Field(description="ids found again with the same content (written once)")
-    conflicting_ids: list[str] = Field(default_factory=list, description="ids found again with other content")
     source_rows: int | None = Field(None, description="input rows expected; None when not known")
     missing_rows: int = 0
     missing_indices: list[int] = Field(default_factory=list, description="source_index values no part holds")
 
     def render(self) -> str:
-        checked = (f"{self.missing_rows} of {self.source_rows} source rows missing" if self.source_rows is not None
-                   else "source rows not checked (the parts record no input; pass --input)")
+        if self.source_rows is not None:
+            checked = f"{self.missing_rows} of {self.source_rows} source rows missing"
+        elif self.stage in _ONE_ROW_PER_SOURCE:
+            checked = "source rows not checked (the parts record no input; pass --input)"
+        else:
+            checked = f"source rows not checked (stage {self.stage} may skip inputs on purpose)"
         head = (f"merged {len(self.parts)} parts into {self.out}: {self.rows_written} rows, "
                 f"{self.duplicate_ids} duplicate ids written once, {checked}")
         lines = [head]
@@ -136,6 +142,13 @@ def _read_part(path: Path, index: int) -> tuple[list[tuple[str, _Row]], bool]:
 
 def _expected_rows(config: MergeConfig, metas: list[StoreMeta]) -> tuple[int | None, str | None]:
     """(number of source rows, where that number comes from) or (None, None) when nothing says."""
+    stage = metas[0].stage
+    if stage not in _ONE_ROW_PER_SOURCE:
+        if config.input is not None:
+            raise CaiError(f"--input: completeness is checked for outputs of stages {sorted(_ONE_ROW_PER_SOURCE)}, "
+                           f"not {stage!r} (it may write no row for some inputs on purpose). Drop --input; the merge "
+                           "still refuses mixed settings and conflicting ids.")
+        return None, None
     if config.input is not None:
         return sum(1 for _ in iter_rows(config.input)), str(config.input)
     sources = [m.source for m in metas]
@@ -150,7 +163,7 @@ def _expected_rows(config: MergeConfig, metas: list[StoreMeta]) -> tuple[int | N
 
 
 def _missing_message(missing: list[int], n_rows: int, origin: str, metas: list[StoreMeta],
-                     parts: list[Path], stage: str) -> str:
+                     parts: list[Path]) -> str:
     specs = {m.source.shard: p for m, p in zip(metas, parts) if m.source is not None}
     per_shard = ""
     if specs:
@@ -159,10 +172,8 @@ def _missing_message(missing: list[int], n_rows: int, origin: str, metas: list[S
         per_shard = "; by shard: " + ", ".join(
             f"{i}/{n}: {c} ({specs[f'{i}/{n}'].name if f'{i}/{n}' in specs else 'no part given'})"
             for i, c in sorted(counts.items()))
-    label_note = (" (label writes no row for a pair whose two responses are identical; such pairs count here)"
-                  if stage.startswith("label") else "")
     shown = ", ".join(str(i) for i in missing[:_SHOWN]) + (", ..." if len(missing) > _SHOWN else "")
-    return (f"{len(missing)} of the {n_rows} source rows of {origin} are in no part{label_note} (source_index "
+    return (f"{len(missing)} of the {n_rows} source rows of {origin} are in no part (source_index "
             f"{shown}){per_shard}. Rerun the unfinished shards with the same command to complete them (a rerun "
             "resumes), or pass --allow-incomplete to merge what there is (the stage, rerun with the same settings and "
             "--out set to the merged file, then fills in the rest).")
@@ -212,7 +223,7 @@ def _merge_locked(config: MergeConfig, parts: list[Path], out: Path, metas: list
         held = {r.source_index for r in rows.values()}
         missing = [i for i in range(n_rows) if i not in held]
         if missing and not config.allow_incomplete:
-            raise CaiError(_missing_message(missing, n_rows, origin or "the input", metas, parts, metas[0].stage)
+            raise CaiError(_missing_message(missing, n_rows, origin or "the input", metas, parts)
                            + " Nothing was written.")
     ordered = sorted(rows.values(), key=lambda r: (r.source_index if r.source_index is not None else -1, r.part))
     write_lines_atomic(out, (r.line for r in ordered))
