@@ -131,26 +131,33 @@ def warn_duplicates(path: Path, count: int) -> None:
         )
 
 
-def read_records(path: Path, record_type: type[R]) -> list[R]:
-    """Load every row of a stage output as its pydantic record, naming the line of any bad row.
-    A repeated id keeps its first row; the others are dropped with a warning naming the count."""
-    out: list[R] = []
+def unique_ids(rows: Iterable[tuple[int, dict[str, Any]]], path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Pass (line, row) pairs through, keeping only the first row of each string `id` (rows without
+    one all pass); warns once at the end with how many were dropped."""
     seen: set[str] = set()
     duplicates = 0
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in rows:
         rid = obj.get("id")
         if isinstance(rid, str):
             if rid in seen:
                 duplicates += 1
                 continue
             seen.add(rid)
+        yield lineno, obj
+    warn_duplicates(Path(path), duplicates)
+
+
+def read_records(path: Path, record_type: type[R]) -> list[R]:
+    """Load every row of a stage output as its pydantic record, naming the line of any bad row.
+    A repeated id keeps its first row; the others are dropped with a warning naming the count."""
+    out: list[R] = []
+    for lineno, obj in unique_ids(iter_jsonl(path), path):
         try:
             out.append(record_type.model_validate(obj))
         except ValidationError as e:
             first = e.errors()[0]
             field = ".".join(str(p) for p in first["loc"]) or None
             raise InputError(str(path), first["msg"], line=lineno, field=field) from None
-    warn_duplicates(Path(path), duplicates)
     return out
 
 

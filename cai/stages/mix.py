@@ -20,6 +20,7 @@ from cai.conversation import Message
 from cai.errors import CaiError, InputError
 from cai.hashing import record_id, sha256_of
 from cai.stages.pairs import PreferenceRow, human_pair_from_row, iter_rows, read_human_pairs
+from cai.store import unique_ids
 
 
 class MixConfig(BaseModel):
@@ -76,7 +77,7 @@ def ai_row(row: dict[str, Any], path: str, line: int, source: str) -> Preference
 
 
 def read_ai_rows(path: Path, source: str) -> list[PreferenceRow]:
-    rows = [ai_row(row, str(path), line, source) for line, row in iter_rows(path)]
+    rows = [ai_row(row, str(path), line, source) for line, row in unique_ids(iter_rows(path), path)]
     if not rows:
         raise InputError(str(path), "no rows in file")
     return rows
