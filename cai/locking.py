@@ -90,6 +90,12 @@ def lock_output(path: str | Path) -> Lock:
     return Lock(p, p.with_name(p.name + ".lock")).acquire()
 
 
+def check_free(path: str | Path) -> None:
+    """Raise `InUseError` now if another process writes the output `path`: a stage calls this
+    before minutes of model loading. The store's own lock is what guarantees one writer."""
+    lock_output(path).release()
+
+
 def lock_run_dir(run_dir: str | Path) -> Lock:
     """Lock a training run directory (through `<dir>/.cai.lock`, creating the directory); raises
     `InUseError` if another process holds it. Under `accelerate launch` only the main process locks."""

@@ -80,20 +80,23 @@ def test_same_output_twice_in_one_process_is_refused_until_closed(tmp_path: Path
     assert len(ids_in(out)) == 1
 
 
-def test_generate_refuses_an_output_another_process_writes(tmp_path: Path, repo_root: Path) -> None:
-    from scripted import ScriptedEngine
-
+def test_generate_and_label_refuse_a_busy_output_before_loading_a_model(tmp_path: Path, repo_root: Path) -> None:
     from cai.stages.critique import CritiqueConfig, run_critique
+    from cai.stages.label import LabelConfig, run_label
 
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"question {i}?"}) + "\n" for i in range(3)))
-    out = tmp_path / "sft.jsonl"
+    constitution = repo_root / "constitutions" / "harmless.yaml"
+    no_model = str(tmp_path / "no-such-model")  # loading it would fail: the lock must be checked first
+    out = tmp_path / "out.jsonl"
     holder = start_writer(out, 1, "--hold")
     try:
-        config = CritiqueConfig(prompts=prompts, constitution=repo_root / "constitutions" / "harmless.yaml",
-                                out=out, rounds=1)
         with pytest.raises(CaiError, match=f"already in use by pid {holder.pid}"):
-            run_critique(config, engine=ScriptedEngine(), progress=False)
+            run_critique(CritiqueConfig(prompts=prompts, constitution=constitution, out=out, model=no_model),
+                         progress=False)
+        with pytest.raises(CaiError, match=f"already in use by pid {holder.pid}"):
+            run_label(LabelConfig(prompts=prompts, constitution=constitution, out=out, model=no_model),
+                      progress=False)
     finally:
         holder.communicate("go\n", timeout=60)
 

@@ -24,6 +24,7 @@ from cai.conversation import Message, as_dicts
 from cai.engines.base import Engine, Generation, SamplingConfig
 from cai.errors import CaiError
 from cai.hashing import record_id, sha256_of
+from cai.locking import check_free
 from cai.prompts import (
     CRITIQUE_PREFIX,
     REVISION_PREFIX,
@@ -271,6 +272,7 @@ def run_critique(config: CritiqueConfig, engine: Engine | None = None, progress:
     few_shot = load_few_shot(constitution.few_shot_path)
     conversations = load_prompts(config.prompts, limit=config.limit)
     indices = shard_indices(len(conversations), parse_shard(config.shard))
+    check_free(config.out)  # fail in a second, not after loading a model
     if engine is None:
         engine = load_engine(config.engine, config.model, **config.engine_options)
     stage = CritiqueStage(config, engine, constitution, few_shot)

@@ -31,6 +31,7 @@ from cai.conversation import Message, as_dicts
 from cai.engines.base import Engine, SamplingConfig
 from cai.errors import CaiError
 from cai.hashing import record_id, sha256_of
+from cai.locking import check_free
 from cai.prompts import (
     FeedbackTemplates,
     answer_cue_after_reasoning,
@@ -436,6 +437,7 @@ def run_label(config: LabelConfig, engine: Engine | None = None, policy_engine: 
         path = config.pairs if config.source == "pairs" else config.critique
         assert path is not None
         pairs = (read_label_pairs if config.source == "pairs" else read_critique_pairs)(path, limit=config.limit)
+    check_free(config.out)  # fail in a second, not after loading a model
     labeler = load_labeler(config, engine)
     fingerprint = config.fingerprint(labeler.constitution, labeler.templates, labeler.engine.model_id)
     config_hash = sha256_of(fingerprint)[:16]
