@@ -35,6 +35,7 @@ from cai import __version__
 from cai.conversation import Message
 from cai.errors import CaiError, InputError
 from cai.hashing import sha256_of
+from cai.locking import lock_run_dir
 from cai.yamlio import LocatedYaml, load_yaml
 
 LOG = "pipeline.json"
@@ -751,6 +752,18 @@ def run_pipeline(pipeline: Pipeline, until: str | None = None, engine_factory: E
             raise CaiError(f"under a multi-process launcher every process would run {', '.join(data)}; run the "
                            f"data stages first without it (`cai run ... --until mix`), then launch again")
     run_dir.mkdir(parents=True, exist_ok=True)
+    # one `cai run` per run dir; released on return or error, or when the process ends
+    run_lock = lock_run_dir(run_dir) if _is_main_process() else None
+    try:
+        return _run_items(pipeline, items, run_dir, engine_factory, progress, echo)
+    finally:
+        if run_lock is not None:
+            run_lock.release()
+
+
+def _run_items(pipeline: Pipeline, items: list[PlanItem], run_dir: Path, engine_factory: EngineFactory | None,
+               progress: bool, echo: Callable[[str], None]) -> list[StageResult]:
+    """The stages of `items` in order, while `run_pipeline` holds the run dir's lock."""
     if _is_main_process():
         (run_dir / RESOLVED).write_text(json.dumps(
             {"pipeline": pipeline.config.model_dump(mode="json"),

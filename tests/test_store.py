@@ -174,3 +174,22 @@ def test_mix_reads_each_ai_row_once(tmp_path: Path, caplog: pytest.LogCaptureFix
         got = read_ai_rows(path, "ai-harmless")
     assert [r.id for r in got] == ["ai0", "ai1", "ai2"]
     assert "dropped 1 row(s)" in caplog.text
+
+
+def test_cai_run_refuses_a_run_dir_in_use(tmp_path: Path, repo_root: Path) -> None:
+    from test_pipeline import pipeline_yaml
+
+    from cai.pipeline import load_pipeline, run_pipeline
+
+    pipeline = load_pipeline(pipeline_yaml(tmp_path, tmp_path / "no-model-needed", repo_root))
+    other = lock_run_dir(tmp_path / "run")  # a `cai run` already working there
+    try:
+        with pytest.raises(InUseError, match=f"{tmp_path / 'run'} is already in use by pid {os.getpid()}"):
+            run_pipeline(pipeline, progress=False, echo=lambda _: None)
+    finally:
+        other.release()
+    assert not (tmp_path / "run" / "pipeline.json").exists()  # nothing ran
+    with pytest.raises(Exception) as failed:  # any failure of the first stage (there is no model)
+        run_pipeline(pipeline, progress=False, echo=lambda _: None)
+    assert not isinstance(failed.value, InUseError)
+    lock_run_dir(tmp_path / "run").release()  # a failed run let go of its run dir
