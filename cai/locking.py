@@ -81,7 +81,10 @@ class Lock:
         )
 
     def __del__(self) -> None:  # a holder dropped without release() must not keep the lock
-        self.release()
+        try:
+            self.release()
+        except (OSError, TypeError):  # at interpreter exit; the kernel drops the lock anyway
+            pass
 
 
 def lock_output(path: str | Path) -> Lock:

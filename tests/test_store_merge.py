@@ -102,6 +102,11 @@ def test_a_killed_part_counts_its_unwritten_rows_as_missing(tmp_path: Path, shar
     assert rc == 1 and "2 of the 7 source rows" in err and f"0/3: 2 ({shards[0].name})" in err
     rc, stdout, _ = merge(capsys, *shards, "--out", out, "--allow-incomplete")
     assert rc == 0 and f"{shards[0]} (shard 0/3): 1 rows (ends in a partial row" in stdout
+    # a whole row without its newline is still a write cut short (resume drops it too)
+    shards[0].write_text(lines[0] + lines[1].rstrip("\n"))
+    rc, stdout, _ = merge(capsys, *shards, "--out", out, "--allow-incomplete", "--force")
+    assert rc == 0 and "5 rows" in stdout and "1 rows (ends in a partial row" in stdout
+    assert out.read_text().count("\n") == 5 and all(json.loads(x) for x in out.read_text().splitlines())
 
 
 def test_input_file_decides_what_is_complete(tmp_path: Path, prompts: Path, shards: list[Path],

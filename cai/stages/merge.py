@@ -18,8 +18,8 @@ Rules, so a merge can never quietly hand a trainer the wrong data:
 
 from __future__ import annotations
 
-import json
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai.errors import CaiError, InputError
+from cai.hashing import sha256_of
 from cai.locking import lock_output
 from cai.stages.inputs import iter_rows, parse_shard
 from cai.store import (
@@ -88,17 +89,20 @@ class MergeSummary(BaseModel):
 
 
 class _Row(NamedTuple):
-    line: bytes
-    source_index: int | None
-    content: str  # canonical JSON without the creation time, to tell a true duplicate from a conflict
+    """Where a row is (rows are copied from the parts byte for byte, not held in memory)."""
+
     part: int
+    offset: int
+    length: int
+    source_index: int | None
+    content: str  # digest of the row without its creation time: tells a true duplicate from a conflict
 
 
 def _content_key(obj: dict[str, Any]) -> str:
     prov = obj.get("provenance")
     if isinstance(prov, dict):
         obj = {**obj, "provenance": {k: v for k, v in prov.items() if k != "created_at"}}
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False)
+    return sha256_of(obj)
 
 
 def _check_fingerprints(parts: list[Path]) -> list[StoreMeta]:
@@ -123,21 +127,35 @@ def _check_fingerprints(parts: list[Path]) -> list[StoreMeta]:
 
 def _read_part(path: Path, index: int) -> tuple[list[tuple[str, _Row]], bool]:
     """(id, row) of every complete line of a part, and whether it ends in a torn (partial) row."""
-    raw = path.read_bytes()
-    torn = bool(raw) and not raw.endswith(b"\n")
-    lines = raw.splitlines(keepends=True)
+    offsets, torn = [0], False
+    with path.open("rb") as f:
+        for line in f:
+            offsets.append(offsets[-1] + len(line))
+            torn = not line.endswith(b"\n")
+    complete = len(offsets) - 1 - torn  # a last line without its newline is a partial write, as on resume
     rows: list[tuple[str, _Row]] = []
     try:
         for lineno, obj in iter_jsonl(path):
+            if lineno > complete:
+                break
             if not isinstance(obj.get("id"), str):
                 raise InputError(str(path), "row has no 'id'", line=lineno)
             src = obj.get("source_index")
-            rows.append((obj["id"], _Row(line=lines[lineno - 1], source_index=src if isinstance(src, int) else None,
-                                         content=_content_key(obj), part=index)))
+            start, end = offsets[lineno - 1], offsets[lineno]
+            rows.append((obj["id"], _Row(part=index, offset=start, length=end - start, content=_content_key(obj),
+                                         source_index=src if isinstance(src, int) else None)))
     except InputError as e:
-        if not (torn and e.line == len(lines)):
+        if not (torn and e.line == len(offsets) - 1):
             raise
     return rows, torn
+
+
+def _copy_rows(parts: list[Path], rows: list[_Row]) -> Iterator[bytes]:
+    with ExitStack() as stack:
+        files = [stack.enter_context(p.open("rb")) for p in parts]
+        for r in rows:
+            files[r.part].seek(r.offset)
+            yield files[r.part].read(r.length)
 
 
 def _expected_rows(config: MergeConfig, metas: list[StoreMeta]) -> tuple[int | None, str | None]:
@@ -226,7 +244,7 @@ def _merge_locked(config: MergeConfig, parts: list[Path], out: Path, metas: list
             raise CaiError(_missing_message(missing, n_rows, origin or "the input", metas, parts)
                            + " Nothing was written.")
     ordered = sorted(rows.values(), key=lambda r: (r.source_index if r.source_index is not None else -1, r.part))
-    write_lines_atomic(out, (r.line for r in ordered))
+    write_lines_atomic(out, _copy_rows(parts, ordered))
     first = metas[0]
     write_meta(out, first.model_copy(update={
         "source": SourcePlan(input=origin, rows=n_rows) if n_rows is not None and origin else None,
