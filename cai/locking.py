@@ -70,6 +70,11 @@ class Lock:
 
     def _busy_message(self) -> str:
         holder = read_holder(self.path)
+        for _ in range(50):  # the holder may have locked the file a moment ago and not written its pid yet
+            if _alive(holder):
+                break
+            time.sleep(0.01)
+            holder = read_holder(self.path)
         who = f"pid {holder.get('pid', '?')}" if holder else "another process"
         if holder.get("host") and holder["host"] != socket.gethostname():
             who += f" on {holder['host']}"
@@ -123,11 +128,28 @@ def _write_holder(fd: int) -> None:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(sys.argv)[:500],
     }
+    data = json.dumps(info).encode("utf-8")
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
     except OSError:  # a full disk: the lock holds all the same, only the message loses its pid
         pass
+
+
+def _alive(holder: dict[str, object]) -> bool:
+    """Whether `holder` names a running process (one on another host is taken as running)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int):
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
 
 
 def _same_file(fd: int, path: Path) -> bool:

@@ -80,8 +80,12 @@ def write_meta(path: Path, meta: StoreMeta) -> None:
     target = meta_path(Path(path))
     tmp = target.with_suffix(".tmp")
     fields = {k: v for k, v in meta.model_dump(mode="json").items() if v is not None}
-    tmp.write_text(json.dumps(fields, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(json.dumps(fields, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def repair_torn_tail(path: Path) -> int:
@@ -281,7 +285,6 @@ class JsonlStore(Generic[R]):
         try:
             write_meta(self.path, meta)
         except OSError as e:
-            meta_path(self.path).with_suffix(".tmp").unlink(missing_ok=True)
             raise CaiError(
                 f"{meta_path(self.path)}: could not write the fingerprint ({e.strerror}). Nothing was lost: the "
                 f"{len(self._ids)} rows in {self.path} are kept. Free some space (or fix the folder's permissions) "
@@ -325,8 +328,10 @@ class JsonlStore(Generic[R]):
             undone = "the row being written was removed again"
         except OSError:
             undone = "the partial row being written is cut off on the next run"
-        problem = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"a write failed ({e.strerror})"
-        fix = "Free some space (or choose an output on another disk)" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "Fix the cause"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            problem, fix = "the disk is full", "Free some space (or choose an output on another disk)"
+        else:
+            problem, fix = f"a write failed ({e.strerror})", "Fix the cause"
         return (
             f"{self.path}: {problem}. The {len(self._ids)} complete rows already written are kept "
             f"({undone}). {fix} and rerun the same command: it resumes, skipping the rows kept."
