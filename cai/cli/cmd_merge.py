@@ -20,7 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("parts", nargs="+", metavar="PART", help="shard outputs (JSONL with their .meta.json)")
     p.add_argument("--out", required=True, help="merged output JSONL")
     p.add_argument("--input", default=None,
-                   help="the stage's input file (prompts or pairs): every row of it must be in some part")
+                   help="the prompts file of the `cai generate` run: every row of it must be in some part "
+                   "(default: the input the parts' .meta.json record)")
     p.add_argument("--allow-incomplete", dest="allow_incomplete", action="store_true",
                    help="write the merge even when source rows are missing (still reported)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
