@@ -43,7 +43,13 @@ class Lock:
         """Take the lock or raise `InUseError` naming the holder; never waits."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise CaiError(
+                    f"{self.target}: cannot create its lock file {self.path} ({e.strerror}). Write the output to a "
+                    "folder you can write to, or fix this folder's permissions."
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:

@@ -193,3 +193,23 @@ def test_cai_run_refuses_a_run_dir_in_use(tmp_path: Path, repo_root: Path) -> No
         run_pipeline(pipeline, progress=False, echo=lambda _: None)
     assert not isinstance(failed.value, InUseError)
     lock_run_dir(tmp_path / "run").release()  # a failed run let go of its run dir
+
+
+def test_an_output_in_a_folder_without_write_permission_is_one_paragraph(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    mounted = False
+    if os.access(folder, os.W_OK):  # root ignores permissions: try a read-only tmpfs instead
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=16k", "tmpfs", str(folder)],
+                                 check=False, capture_output=True, timeout=30).returncode == 0
+        if not mounted:
+            pytest.skip("this user writes to read-only folders and cannot mount a read-only tmpfs")
+    try:
+        with pytest.raises(CaiError, match=r"ro/out.jsonl: cannot create its lock file .*Read-only file system"
+                                           r"|ro/out.jsonl: cannot create its lock file .*Permission denied"):
+            JsonlStore(folder / "out.jsonl", Row, stage="writer", config={})
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], check=False, capture_output=True, timeout=30)
+        folder.chmod(0o700)
