@@ -127,6 +127,8 @@ def test_a_shard_given_twice_is_written_once(tmp_path: Path, shards: list[Path],
     out = tmp_path / "merged.jsonl"
     rc, stdout, _ = merge(capsys, *shards, copy, "--out", out)
     assert rc == 0 and "7 rows, 2 duplicate ids written once" in stdout
+    summary = json.loads((tmp_path / "merged.jsonl.merge.json").read_text())
+    assert summary["duplicate_examples"] == [json.loads(line)["id"] for line in copy.read_text().splitlines()]
     assert len(out.read_text().splitlines()) == N_PROMPTS
 
 

@@ -68,6 +68,7 @@ class MergeSummary(BaseModel):
     parts: list[PartReport]
     rows_written: int
     duplicate_ids: int = Field(description="ids found again with the same content (written once)")
+    duplicate_examples: list[str] = Field(default_factory=list, description="the first few of them")
     source_rows: int | None = Field(None, description="input rows expected; None when not known")
     missing_rows: int = 0
     missing_indices: list[int] = Field(default_factory=list, description="source_index values no part holds")
@@ -218,7 +219,9 @@ def merge_parts(config: MergeConfig) -> MergeSummary:
 
 def _merge_locked(config: MergeConfig, parts: list[Path], out: Path, metas: list[StoreMeta]) -> MergeSummary:
     rows: dict[str, _Row] = {}
-    duplicates, conflicts, reports = 0, [], []
+    duplicates: list[str] = []
+    conflicts: list[str] = []
+    reports: list[PartReport] = []
     for index, (part, meta) in enumerate(zip(parts, metas)):
         found, torn = _read_part(part, index)
         reports.append(PartReport(path=str(part), rows=len(found), torn_tail=torn,
@@ -227,7 +230,7 @@ def _merge_locked(config: MergeConfig, parts: list[Path], out: Path, metas: list
             if rid not in rows:
                 rows[rid] = row
             elif rows[rid].content == row.content:
-                duplicates += 1
+                duplicates.append(rid)
             else:
                 conflicts.append(rid)
     if conflicts:
@@ -252,7 +255,7 @@ def _merge_locked(config: MergeConfig, parts: list[Path], out: Path, metas: list
     }))
     summary = MergeSummary(
         out=str(out), stage=first.stage, config_hash=first.config_hash, parts=reports, rows_written=len(ordered),
-        duplicate_ids=duplicates, source_rows=n_rows, missing_rows=len(missing), missing_indices=missing[:1000],
+        duplicate_ids=len(duplicates), duplicate_examples=duplicates[:20], source_rows=n_rows, missing_rows=len(missing), missing_indices=missing[:1000],
     )
     Path(f"{out}.merge.json").write_text(summary.model_dump_json(indent=2))
     return summary
