@@ -40,12 +40,12 @@ def complete_lines(path: Path) -> int:
 @pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
 def test_kill_at_a_random_point_then_resume_loses_and_repeats_nothing(tmp_path: Path, seed: int) -> None:
     rng = random.Random(seed)
-    n, payload = 60, rng.choice([20, 3000, 70000])  # large rows make a kill inside a write more likely
+    n, payload = 40, rng.choice([20, 3000, 70000])  # large rows make a kill inside a write more likely
     out = tmp_path / "out.jsonl"
-    for last in (25, n - 2):  # two kills in a row, the second one during the resumed run
+    for last in (15, n - 2):  # two kills in a row, the second one during the resumed run
         before = complete_lines(out)
         kill_after = rng.randint(before + 1, max(before + 1, last))
-        proc = subprocess.Popen(writer_cmd(out, n, "--payload", str(payload), "--every-ms", "5"),
+        proc = subprocess.Popen(writer_cmd(out, n, "--payload", str(payload), "--every-ms", "20"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while complete_lines(out) < kill_after and proc.poll() is None and time.monotonic() < deadline:
