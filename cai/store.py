@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from cai.errors import CaiError, InputError
 from cai.hashing import sha256_of
+from cai.textio import decode_line, parse_json_line
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -54,14 +55,12 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line of a .jsonl (or .jsonl.gz) file; a bad line
     raises InputError naming it."""
     path = Path(path)
-    with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = decode_line(raw, path, lineno)  # bad UTF-8 / lone surrogates name the line
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(str(path), f"not valid JSON ({e.msg})", line=lineno) from None
+            obj = parse_json_line(line, path, lineno)
             if not isinstance(obj, dict):
                 raise InputError(str(path), "expected a JSON object", line=lineno)
             yield lineno, obj
