@@ -91,6 +91,9 @@ class JsonlStore(Generic[R]):
         force: bool = False,
     ) -> None:
         self.path = Path(path)
+        if self.path.is_dir():  # never moved aside or written into: a directory is the user's
+            raise CaiError(f"output {self.path} is a directory, but a stage writes one JSONL file; give a file "
+                           f"path such as {self.path / 'out.jsonl'}")
         self.record_type = record_type
         self.stage = stage
         self.config = config

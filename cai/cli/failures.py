@@ -5,6 +5,7 @@ so the CLI prints them like any other CaiError instead of a traceback."""
 from __future__ import annotations
 
 import errno
+from pathlib import Path
 
 KEPT = ("Nothing already finished is lost: a stage output keeps every complete row (a torn last line is "
         "dropped on resume), and `cai mix` and `cai export` write temporary files first, so an earlier "
@@ -31,7 +32,9 @@ def describe_os_error(e: OSError) -> str:
         return (f"{path}: a part of this path is a file, not a directory; choose a path whose parent folders "
                 "are directories.")
     if isinstance(e, FileExistsError):
-        return f"{path} already exists; remove it or choose another path."
+        is_file = e.filename is not None and Path(e.filename).is_file()
+        what = " and is a file, where a directory is needed" if is_file else ""
+        return f"{path} already exists{what}; remove it or choose another path."
     if isinstance(e, FileNotFoundError):
         return f"{path}: no such file or directory; check the path and that its folder exists."
     if e.errno == errno.ENAMETOOLONG:
