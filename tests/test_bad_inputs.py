@@ -446,3 +446,16 @@ def test_hashing_refuses_a_lone_surrogate_plainly() -> None:
     with pytest.raises(CaiError, match=r"lone UTF-16 surrogate \(\\ud83d\)"):
         sha256_of({"prompt": "hi \ud83d"})
     assert sha256_of({"prompt": "hi \U0001f600"}) == sha256_of({"prompt": "hi 😀"})  # a full pair is one character
+
+
+def test_report_leaves_out_a_line_that_is_not_utf8(tmp_path: Path, capsys) -> None:
+    gen = tmp_path / "run" / "generate" / "critique.jsonl"
+    gen.parent.mkdir(parents=True)
+    rows = sft_rows()
+    gen.write_bytes(jsonl(rows[:1]).encode() + LATIN1 + b"\n" + b'{"id": ' + SURROGATE.encode() + b"}\n"
+                    + jsonl(rows[1:]).encode())
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "r.html")]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    from cai.report import Run
+
+    assert [r.id for r in Run(tmp_path / "run").sft_rows] == ["s0", "s1"]
