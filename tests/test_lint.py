@@ -90,8 +90,8 @@ def test_validate_exit_codes_and_output(capsys: pytest.CaptureFixture[str]) -> N
 
 
 @pytest.mark.parametrize(("name", "problem"), [("nope.yaml", "file not found [not-found]"),
-                                               (".", "is a directory; give the path of a constitution YAML file "
-                                                "[not-a-file]")])
+                                               (".", ("is a directory; give the path of a constitution YAML "
+                                                     "file [not-a-file]"))])
 def test_validate_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, problem: str) -> None:
     missing = tmp_path / name
     assert run(capsys, "validate", str(missing)) == (
