@@ -43,6 +43,14 @@ def read_text(path: str | Path) -> str:
         raise _bad_bytes(path, e, data, data.count(b"\n", 0, e.start) + 1) from None
 
 
+def check_utf8(path: str | Path) -> None:
+    """Stream a text file once and raise for its first line that is not UTF-8 (for files a library
+    parses itself, whose own error would name neither the file nor the line)."""
+    with Path(path).open("rb") as f:
+        for line, raw in enumerate(f, start=1):
+            decode_line(raw, path, line)
+
+
 def lone_surrogate(value: Any) -> str | None:
     """The first string inside `value` (nested lists/dicts, keys too) holding a lone surrogate."""
     if isinstance(value, str):

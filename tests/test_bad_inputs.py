@@ -171,6 +171,12 @@ CASES = [
          "{d}/prompts.jsonl:3", also=[BAD_LINE]),
     Case("generate-prompts-gz-latin1", "generate --config {d}/gen.yaml --prompts {d}/p.jsonl.gz",
          write("p.jsonl.gz", gzip.compress(LINE_3_LATIN1)), "{d}/p.jsonl.gz:3", also=[BAD_LINE]),
+    Case("generate-prompts-csv-latin1", "generate --config {d}/gen.yaml --prompts {d}/p.csv",
+         write("p.csv", b"prompt\nhello\n" + LATIN1 + b"\n"), "{d}/p.csv:3", also=[BAD_LINE]),
+    Case("generate-prompts-json-latin1", "generate --config {d}/gen.yaml --prompts {d}/p.json",
+         write("p.json", b'[{"prompt": "' + LATIN1 + b'"}]'), "{d}/p.json:1", also=[BAD_LINE]),
+    Case("generate-prompts-json-torn", "generate --config {d}/gen.yaml --prompts {d}/p.json",
+         write("p.json", '[{"prompt": 1'), "{d}/p.json", also=["cannot load as a dataset"]),
     Case("generate-few-shot-latin1", "generate --config {d}/gen.yaml",
          append_bytes("few_shot.yaml", b"# " + LATIN1 + b"\n"), "{d}/few_shot.yaml:", also=[BAD_LINE]),
     Case("label-critique-latin1", "label --critique {d}/sft-in.jsonl --constitution {d}/constitution.yaml "
@@ -277,12 +283,16 @@ CASES = [
 
 @pytest.fixture(autouse=True)
 def _no_progress_bars():
-    """Loading a model draws a progress bar on stderr; the cases check stderr holds only the error."""
+    """Loading a model or a dataset draws a progress bar on stderr; the cases check stderr holds only
+    the error."""
+    import datasets
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    datasets.disable_progress_bars()
     yield
     logging.enable_progress_bar()
+    datasets.enable_progress_bars()
 
 
 def snapshot(d: Path) -> dict[str, bytes]:
