@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from cai.errors import CaiError, InputError
 from cai.hashing import sha256_of
-from cai.textio import decode_line, parse_json_line
+from cai.textio import decode_line, parse_json_line, read_json
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -115,7 +115,7 @@ class JsonlStore(Generic[R]):
         meta = meta_path(self.path)
         if not self.path.exists() or self.path.stat().st_size == 0:
             return
-        old = json.loads(meta.read_text()) if meta.exists() else None
+        old = read_json(meta) if meta.exists() else None
         if old is not None and old.get("stage") == self.stage and old.get("config_hash") == self.config_hash:
             return
         if not force:

@@ -125,6 +125,13 @@ def mkdir(name: str) -> Callable[[Path], None]:
     return setup
 
 
+def both(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
+    def setup(d: Path) -> None:
+        for s in setups:
+            s(d)
+    return setup
+
+
 @dataclass
 class Case:
     name: str
@@ -214,6 +221,13 @@ CASES = [
          replace_in("constitution.yaml", "description: A small valid constitution for tests.",
                     'description: "\\ud83d"'), "{d}/constitution.yaml:3",
          code=2, stream="out", also=["lone UTF-16 surrogate"]),
+    Case("generate-meta-torn", "generate --config {d}/gen.yaml",
+         both(write("sft.jsonl", "{}\n"), write("sft.jsonl.meta.json", '{"stage": "crit')), "{d}/sft.jsonl.meta.json:1",
+         also=["not valid JSON"]),
+    Case("run-log-torn", "run {d}/pipe.yaml --plan", write("run/pipeline.json", '{"stages": {"generate": 3}}'),
+         "{d}/run/pipeline.json", also=["is not a cai run log"]),
+    Case("run-log-latin1", "run {d}/pipe.yaml --plan", write("run/pipeline.json", b'{"x": "' + LATIN1 + b'"}'),
+         "{d}/run/pipeline.json:1", also=[BAD_LINE]),
     # 3. OS errors: a read-only place, a directory where a file belongs, a file where a directory belongs.
     Case("generate-out-readonly", "generate --config {d}/gen.yaml --out /sys/cai-test/out.jsonl", None,
          "/sys/cai-test", also=["permission denied"]),
