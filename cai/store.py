@@ -8,7 +8,6 @@ refused unless `force=True`, which moves the old file aside instead of mixing ro
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import time
@@ -20,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from cai.errors import CaiError, InputError
 from cai.hashing import sha256_of
-from cai.textio import decode_line, parse_json_line, read_json
+from cai.textio import iter_lines, parse_json_line, read_json
 
 R = TypeVar("R", bound=BaseModel)
 
@@ -55,15 +54,13 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line of a .jsonl (or .jsonl.gz) file; a bad line
     raises InputError naming it."""
     path = Path(path)
-    with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = decode_line(raw, path, lineno)  # bad UTF-8 / lone surrogates name the line
-            if not line.strip():
-                continue
-            obj = parse_json_line(line, path, lineno)
-            if not isinstance(obj, dict):
-                raise InputError(str(path), "expected a JSON object", line=lineno)
-            yield lineno, obj
+    for lineno, line in iter_lines(path):  # bad UTF-8, bad gzip and lone surrogates name the line
+        if not line.strip():
+            continue
+        obj = parse_json_line(line, path, lineno)
+        if not isinstance(obj, dict):
+            raise InputError(str(path), "expected a JSON object", line=lineno)
+        yield lineno, obj
 
 
 def read_records(path: Path, record_type: type[R]) -> list[R]:

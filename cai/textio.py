@@ -8,8 +8,11 @@ the rule is the same everywhere: such text is refused with the file and line, ne
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,21 @@ def decode_line(raw: bytes, path: str | Path, line: int) -> str:
         raise _bad_bytes(path, e, raw, line) from None
 
 
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each line of a text file, or of a gzipped one (`.gz`); a bad byte, or a
+    .gz that is not gzip or is cut short, is an InputError naming the file (and line)."""
+    p = Path(path)
+    line = 0
+    try:
+        with gzip.open(p, "rb") if p.suffix == ".gz" else p.open("rb") as f:
+            for line, raw in enumerate(f, start=1):
+                yield line, decode_line(raw, p, line)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        where = f"after line {line}: " if line else ""
+        raise InputError(str(p), f"{where}not a readable gzip file ({e}); recompress it, or drop the .gz "
+                         "suffix if it is plain text") from None
+
+
 def read_text(path: str | Path) -> str:
     """A whole file as UTF-8 text (a BOM is dropped); a bad byte names its line and column."""
     data = Path(path).read_bytes()
@@ -46,9 +64,8 @@ def read_text(path: str | Path) -> str:
 def check_utf8(path: str | Path) -> None:
     """Stream a text file once and raise for its first line that is not UTF-8 (for files a library
     parses itself, whose own error would name neither the file nor the line)."""
-    with Path(path).open("rb") as f:
-        for line, raw in enumerate(f, start=1):
-            decode_line(raw, path, line)
+    for _ in iter_lines(path):
+        pass
 
 
 def lone_surrogate(value: Any) -> str | None:
