@@ -8,8 +8,8 @@ import errno
 from pathlib import Path
 
 KEPT = ("Nothing already finished is lost: a stage output keeps every complete row (a torn last line is "
-        "dropped on resume), and `cai mix` and `cai export` write temporary files first, so an earlier "
-        "output is left as it was.")
+        "dropped on resume), a trainer keeps its complete checkpoints (continue with --resume), and `cai mix` "
+        "and `cai export` write temporary files first, so an earlier output is left as it was.")
 
 
 def _path(e: OSError) -> str:
