@@ -146,6 +146,9 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise InputError("<command line>", f"override {item!r} must look like key=value")
     key, raw = item.split("=", 1)
+    if not key.strip() or any(not part.strip() for part in key.split(".")):
+        raise InputError("<command line>", f"override {item!r} needs a key (or dotted key such as lr or "
+                         "generate.limit) before '='")
     if not raw.strip():
         return key.strip(), ""
     try:

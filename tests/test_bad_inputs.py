@@ -167,6 +167,9 @@ CASES = [
     Case("run-bomb", "run {d}/bomb.yaml --plan", write("bomb.yaml", PIPE_BOMB), "{d}/bomb.yaml:2"),
     Case("run-set-alias", "run {d}/pipe.yaml --plan --set seed=[&x,*x]", None, "<command line>",
          also=["not valid YAML"]),
+    Case("rm-set-no-key", "train rm {d}/rm.yaml --set =1", None, "<command line>", also=["needs a key"]),
+    Case("generate-engine-option-no-key", "generate --config {d}/gen.yaml --engine-option a..b=1", None,
+         "<command line>", also=["needs a key"]),
     Case("rm-set-alias", "train rm {d}/rm.yaml --set lr=*x", None, "<command line>"),
     # 2. Non-UTF-8 bytes (and lone surrogates) in every kind of file we read: file and line.
     Case("validate-latin1", "constitution validate {d}/constitution.yaml",
