@@ -466,7 +466,7 @@ def test_mix_min_confidence_and_drop_flag_are_counted(tmp_path: Path, capsys) ->
     kept = {r["id"] for r in (json.loads(x) for x in (out / "train.jsonl").read_text().splitlines())
             if r["source"] == "ai-harmless"}
     assert kept == {"a2", "a4"}
-    assert "dropped AI rows: low_confidence=2, flag:copied_few_shot=1" in capsys.readouterr().out
+    assert "dropped AI rows: flag:copied_few_shot=1, low_confidence=2" in capsys.readouterr().out
 
 
 def test_export_drops_flagged_rows_and_refuses_an_all_dropped_file(ws: Path, capsys) -> None:

@@ -3,7 +3,8 @@
 The rule: a row is dropped when any flag named in the list is set on it. A row's flags are its
 `flags` field: a mapping of flag name -> bool (critique-revise rows, `cai.records.Flags`) or a
 list of the names that are set. Rows without a `flags` field carry no flags and are kept. Only
-the names `Flags` defines are accepted, so a typo cannot silently filter nothing.
+the names `Flags` defines are accepted (argparse choices, config validators), so a typo cannot
+silently filter nothing.
 """
 
 from __future__ import annotations
@@ -12,21 +13,9 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from cai.errors import CaiError
 from cai.records import Flags
 
 FLAG_NAMES = tuple(Flags.model_fields)
-
-
-def parse_drop_flags(names: Iterable[str] | None) -> tuple[str, ...]:
-    """The listed flag names, checked against the known ones (in the order given, without repeats)."""
-    out: list[str] = []
-    for name in names or ():
-        if name not in FLAG_NAMES:
-            raise CaiError(f"--drop-flag {name!r} is not a row flag; the flags are: {', '.join(FLAG_NAMES)}")
-        if name not in out:
-            out.append(name)
-    return tuple(out)
 
 
 def row_flags(row: dict[str, Any]) -> set[str]:

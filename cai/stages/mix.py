@@ -11,7 +11,7 @@ label_prob would learn as certain; `drop_flags` drops rows carrying a listed fla
 (cai.stages.flag_filter). Both are counted in mix.json under `dropped`.
 
 The three files are written to temporary names and renamed into place only when all are complete,
-so a crash or a full disk leaves either the previous mix or the new one, never a torn file.
+so a crash or a full disk never leaves a torn file, and a failed write leaves the previous mix.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cai.conversation import Message
 from cai.errors import CaiError, InputError
 from cai.hashing import record_id, sha256_of
-from cai.stages.flag_filter import FLAG_NAMES, drop_reason, row_flags, tally
+from cai.stages.flag_filter import FLAG_NAMES, count_key, drop_reason, row_flags
 from cai.stages.pairs import PreferenceRow, human_pair_from_row, iter_rows, read_human_pairs
 
 
@@ -107,7 +108,7 @@ def read_ai_rows(path: Path, config: MixConfig) -> tuple[list[PreferenceRow], li
         row = ai_row(raw, str(path), line, config.ai_source)
         flag = drop_reason(row_flags(raw), tuple(config.drop_flags))
         if flag is not None:
-            dropped.append(flag)
+            dropped.append(count_key(flag))
         elif row.label_prob - 0.5 < config.min_confidence:
             dropped.append(LOW_CONFIDENCE)
         else:
@@ -222,8 +223,7 @@ def run_mix(config: MixConfig) -> MixSummary:
             "test": {config.ai_source: len(ai_test), config.human_source: len(human_test)},
         },
         malformed_skipped=malformed,
-        dropped={**({LOW_CONFIDENCE: reasons.count(LOW_CONFIDENCE)} if LOW_CONFIDENCE in reasons else {}),
-                 **tally(r for r in reasons if r != LOW_CONFIDENCE)},
+        dropped=dict(sorted(Counter(reasons).items())),
     )
     write_mix(Path(config.out), {
         "train.jsonl": "".join(row.model_dump_json() + "\n" for row in train),
