@@ -218,6 +218,9 @@ def _duplicate_ids(doc: LocatedYaml, principles: Any) -> list[Problem]:
 
 def check_constitution(path: str | Path) -> CheckResult:
     """Every error in a constitution file, sorted by line (malformed YAML stops at the first)."""
+    if Path(path).is_dir():
+        return CheckResult(None, [Problem(str(path), None, None, "error", "not-a-file",
+                                          "is a directory; give the path of a constitution YAML file")], None)
     if not Path(path).is_file():
         return CheckResult(None, [Problem(str(path), None, None, "error", "not-found", "file not found")], None)
     try:

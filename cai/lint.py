@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from cai.constitution import PRINCIPLE_TEXTS, Constitution, Problem, check_constitution, field_name
+from cai.prompts import PROMPTS_DIR
 from cai.yamlio import Loc, LocatedYaml
 
 MAX_CHARS = 600  # longer requests crowd the few-shot context of small models
@@ -127,14 +128,32 @@ def _tag_typos(c: Constitution, doc: LocatedYaml) -> list[Problem]:
     return out
 
 
-def lint_constitution(path: str | Path, ignore: frozenset[str] = frozenset()) -> list[Problem]:
-    """Errors (a missing few-shot file too) and, for a valid constitution, warnings; sorted by line."""
+def _few_shot_problem(c: Constitution, doc: LocatedYaml, shared_dirs: tuple[Path, ...]) -> Problem | None:
+    """A few-shot path must stay inside the constitution's folder (or the bundled prompts/, or a shared
+    prompt folder the user names): a constitution passed around should not read '../../etc/passwd'."""
+    line = doc.line_of(("few_shot",))
+    target = c.few_shot_path
+    roots = [doc.path.resolve().parent, PROMPTS_DIR, *(d.resolve() for d in shared_dirs)]
+    if not any(target.is_relative_to(root) for root in roots):
+        return Problem(str(doc.path), line, "few_shot", "error", "few-shot-outside",
+                       f"few_shot {c.few_shot!r} resolves to {target}, outside the constitution's folder "
+                       f"{roots[0]}; move the file next to the constitution, or allow a shared prompt folder "
+                       "with --few-shot-dir DIR")
+    if not target.is_file():
+        return Problem(str(doc.path), line, "few_shot", "error", "few-shot-missing",
+                       f"few-shot file not found: {target}")
+    return None
+
+
+def lint_constitution(path: str | Path, ignore: frozenset[str] = frozenset(),
+                      shared_dirs: tuple[Path, ...] = ()) -> list[Problem]:
+    """Errors (a missing few-shot file, or one outside the allowed folders, too) and, for a valid
+    constitution, warnings; sorted by line."""
     constitution, problems, doc = check_constitution(path)
     if constitution is None or doc is None:
         return problems
-    if not constitution.few_shot_path.is_file():
-        problems.append(Problem(str(doc.path), doc.line_of(("few_shot",)), "few_shot", "error",
-                                "few-shot-missing", f"few-shot file not found: {constitution.few_shot_path}"))
+    if (few_shot := _few_shot_problem(constitution, doc, shared_dirs)) is not None:
+        problems.append(few_shot)
     warnings = [*_text_warnings(constitution, doc), *_near_duplicates(constitution, doc),
                 *_tag_typos(constitution, doc)]
     problems += [w for w in warnings if w.code not in ignore]

@@ -36,6 +36,7 @@ from cai.conversation import Message
 from cai.errors import CaiError, InputError
 from cai.hashing import sha256_of
 from cai.locking import lock_run_dir
+from cai.textio import read_json
 from cai.yamlio import LocatedYaml, load_yaml
 
 LOG = "pipeline.json"
@@ -622,7 +623,13 @@ class RunLog(BaseModel):
     @classmethod
     def load(cls, run_dir: Path) -> RunLog:
         p = Path(run_dir) / LOG
-        return cls.model_validate_json(p.read_text()) if p.exists() else cls()
+        if not p.exists():
+            return cls()
+        try:
+            return cls.model_validate(read_json(p))
+        except ValidationError as e:
+            raise InputError(str(p), f"is not a cai run log ({e.errors()[0]['msg']}); move it away to start the "
+                             "run log afresh (finished stages will run again)") from None
 
     def save(self, run_dir: Path) -> None:
         if not _is_main_process():

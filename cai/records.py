@@ -44,6 +44,7 @@ class CritiqueStep(BaseModel):
     revision_tokens: int
     critique_finish: FinishReason
     revision_finish: FinishReason
+    copied_few_shot: bool = False  # the revision repeats a long run of words from the few-shot dialogues
 
 
 class Flags(BaseModel):
@@ -55,6 +56,7 @@ class Flags(BaseModel):
     empty: bool = False  # the final response is empty
     revision_unchanged: bool = False  # the final response equals the initial one
     critique_found_nothing: bool = False  # every critique said there was nothing to fix
+    copied_few_shot: bool = False  # some step's revision copied words from the few-shot dialogues
 
     def kinds(self) -> list[str]:
         return [name for name, value in self.model_dump().items() if value]

@@ -50,7 +50,7 @@ def _rows(path: Path, model: type[R]) -> list[R]:
     out: list[R] = []
     if not path.is_file():
         return out
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is left out like any foreign line
         for line in f:
             try:
                 out.append(model.model_validate_json(line))

@@ -16,7 +16,6 @@ Integrity rules, all kept here:
 from __future__ import annotations
 
 import errno
-import gzip
 import json
 import logging
 import os
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cai.errors import CaiError, InputError
 from cai.hashing import sha256_of
 from cai.locking import Lock, lock_output
+from cai.textio import iter_lines, parse_json_line, read_json
 
 R = TypeVar("R", bound=BaseModel)
 log = logging.getLogger(__name__)
@@ -70,8 +70,8 @@ def read_meta(path: Path) -> StoreMeta | None:
     if not meta.exists():
         return None
     try:
-        return StoreMeta.model_validate(json.loads(meta.read_text(encoding="utf-8")))
-    except (ValueError, ValidationError) as e:
+        return StoreMeta.model_validate(read_json(meta))
+    except ValidationError as e:
         raise InputError(str(meta), f"not a valid .meta.json fingerprint ({str(e).splitlines()[0]})") from None
 
 
@@ -114,17 +114,13 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line of a .jsonl (or .jsonl.gz) file; a bad line
     raises InputError naming it."""
     path = Path(path)
-    with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(str(path), f"not valid JSON ({e.msg})", line=lineno) from None
-            if not isinstance(obj, dict):
-                raise InputError(str(path), "expected a JSON object", line=lineno)
-            yield lineno, obj
+    for lineno, line in iter_lines(path):  # bad UTF-8, bad gzip and lone surrogates name the line
+        if not line.strip():
+            continue
+        obj = parse_json_line(line, path, lineno)
+        if not isinstance(obj, dict):
+            raise InputError(str(path), "expected a JSON object", line=lineno)
+        yield lineno, obj
 
 
 def warn_duplicates(path: Path, count: int) -> None:
@@ -216,6 +212,9 @@ class JsonlStore(Generic[R]):
         source: SourcePlan | None = None,
     ) -> None:
         self.path = Path(path)
+        if self.path.is_dir():  # never moved aside or written into: a directory is the user's
+            raise CaiError(f"output {self.path} is a directory, but a stage writes one JSONL file; give a file "
+                           f"path such as {self.path / 'out.jsonl'}")
         self.record_type = record_type
         self.stage = stage
         self.config = config

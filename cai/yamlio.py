@@ -1,4 +1,9 @@
-"""Safe YAML loading that remembers the line of every key, so errors can name file:line:field."""
+"""Safe YAML loading that remembers the line of every key, so errors can name file:line:field.
+
+Anchors and aliases (`&a` / `*a`) are refused where they are parsed: a few lines of aliases can
+expand to gigabytes ("billion laughs"), and none of our files needs them. Text must be UTF-8
+without lone surrogates (see cai.textio).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from cai.errors import InputError
+from cai.textio import lone_surrogate, read_text, surrogate_error
 
 Loc = tuple[str | int, ...]
 
@@ -36,6 +42,18 @@ class LocatedYaml:
         return InputError(str(self.path), message, line=self.line_of(loc), field=field)
 
 
+class NoAliasLoader(yaml.SafeLoader):
+    """The safe loader, refusing any anchor or alias before it is composed into the node graph."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.MarkedYAMLError(
+                problem=f"anchors and aliases (&{event.anchor} / *{event.anchor}) are not allowed; "
+                "write the value out in full", problem_mark=event.start_mark)
+        return super().compose_node(parent, index)  # type: ignore[no-any-return]
+
+
 def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], path: Path) -> Any:
     lines.setdefault(loc, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
@@ -44,6 +62,8 @@ def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], path: Path) -> Any:
             key = yaml.SafeLoader(  # scalar keys only; construct with the safe constructor
                 ""
             ).construct_object(key_node) if not isinstance(key_node, yaml.ScalarNode) else key_node.value
+            if isinstance(key, str) and lone_surrogate(key) is not None:
+                raise surrogate_error(path, key_node.start_mark.line + 1, key)
             if key in out:
                 raise InputError(str(path), f"duplicate key {key!r}", line=key_node.start_mark.line + 1)
             lines[loc + (key,)] = key_node.start_mark.line + 1
@@ -51,7 +71,10 @@ def _walk(node: yaml.Node, loc: Loc, lines: dict[Loc, int], path: Path) -> Any:
         return out
     if isinstance(node, yaml.SequenceNode):
         return [_walk(item, loc + (i,), lines, path) for i, item in enumerate(node.value)]
-    return yaml.SafeLoader("").construct_object(node, deep=True)
+    value = yaml.SafeLoader("").construct_object(node, deep=True)
+    if isinstance(value, str) and lone_surrogate(value) is not None:
+        raise surrogate_error(path, node.start_mark.line + 1, value)
+    return value
 
 
 def load_yaml(path: str | Path) -> LocatedYaml:
@@ -59,9 +82,11 @@ def load_yaml(path: str | Path) -> LocatedYaml:
     p = Path(path)
     if not p.exists():
         raise InputError(str(p), "file not found")
-    text = p.read_text(encoding="utf-8")
+    if p.is_dir():
+        raise InputError(str(p), "is a directory; give the path of a YAML file")
+    text = read_text(p)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=NoAliasLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e)
@@ -121,4 +146,14 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise InputError("<command line>", f"override {item!r} must look like key=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    if not key.strip() or any(not part.strip() for part in key.split(".")):
+        raise InputError("<command line>", f"override {item!r} needs a key (or dotted key such as lr or "
+                         "generate.limit) before '='")
+    if not raw.strip():
+        return key.strip(), ""
+    try:
+        return key.strip(), yaml.load(raw, Loader=NoAliasLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InputError("<command line>", f"override {item!r}: the value is not valid YAML ({problem}); "
+                         "quote it if it is meant as text") from None

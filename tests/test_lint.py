@@ -89,11 +89,13 @@ def test_validate_exit_codes_and_output(capsys: pytest.CaptureFixture[str]) -> N
     assert len(out) == 1 + 13 + 1 and out[-1] == "13 error(s), 0 warning(s) in 2 file(s)"
 
 
-@pytest.mark.parametrize("name", ["nope.yaml", "."])
-def test_validate_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(("name", "problem"), [("nope.yaml", "file not found [not-found]"),
+                                               (".", ("is a directory; give the path of a constitution YAML "
+                                                     "file [not-a-file]"))])
+def test_validate_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, problem: str) -> None:
     missing = tmp_path / name
     assert run(capsys, "validate", str(missing)) == (
-        2, [f"{missing}: error: file not found [not-found]", "1 error(s), 0 warning(s) in 1 file(s)"])
+        2, [f"{missing}: error: {problem}", "1 error(s), 0 warning(s) in 1 file(s)"])
 
 
 def test_lint_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:

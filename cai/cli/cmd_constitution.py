@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 from collections import Counter
+from pathlib import Path
 
 from cai.constitution import Constitution, Problem, load_constitution
 from cai.lint import WARNINGS, lint_constitution
@@ -26,10 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Report every error in each file as PATH:LINE:FIELD: error: MESSAGE [CODE].\n\n"
         "errors: malformed YAML, missing/empty fields, unknown keys, duplicate principle ids, a critique\n"
         "without a revision (or the reverse), {placeholders} in principle texts, weights <= 0, no principles,\n"
-        "a few_shot file that does not exist.\n\n"
+        "a few_shot file that does not exist or lies outside the constitution's folder (the bundled prompts/\n"
+        "and any --few-shot-dir are allowed too).\n\n"
         "exit status: 0 every file is valid; 2 at least one error.",
     )
     v.add_argument("paths", nargs="+", metavar="PATH")
+    _add_few_shot_dir(v)
     v.set_defaults(func=run_validate)
 
     codes = "\n".join(f"  {code:22} {what}" for code, what in WARNINGS.items())
@@ -40,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "(with --strict, warnings count as errors: exit 2).",
     )
     lint.add_argument("paths", nargs="+", metavar="PATH")
+    _add_few_shot_dir(lint)
     lint.add_argument("--strict", action="store_true", help="treat warnings as errors (exit 2)")
     lint.add_argument("--ignore", action="append", default=[], choices=sorted(WARNINGS), metavar="CODE",
                       help="skip this warning (repeatable)")
@@ -49,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     show.add_argument("path", metavar="PATH")
     show.add_argument("--yaml", action="store_true", help="print the canonical YAML instead of a table")
     show.set_defaults(func=run_show)
+
+
+def _add_few_shot_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--few-shot-dir", dest="few_shot_dirs", action="append", default=[], type=Path, metavar="DIR",
+                   help="a shared prompt folder few_shot files may point into, besides the constitution's own "
+                   "folder and the bundled prompts/ (repeatable)")
 
 
 def _report(problems_by_path: dict[str, list[Problem]]) -> Counter[str]:
@@ -66,12 +76,15 @@ def _report(problems_by_path: dict[str, list[Problem]]) -> Counter[str]:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    found = {path: [p for p in lint_constitution(path) if p.severity == "error"] for path in args.paths}
+    shared = tuple(args.few_shot_dirs)
+    found = {path: [p for p in lint_constitution(path, shared_dirs=shared) if p.severity == "error"]
+             for path in args.paths}
     return 2 if _report(found)["error"] else 0
 
 
 def run_lint(args: argparse.Namespace) -> int:
-    found = {path: lint_constitution(path, ignore=frozenset(args.ignore)) for path in args.paths}
+    found = {path: lint_constitution(path, ignore=frozenset(args.ignore), shared_dirs=tuple(args.few_shot_dirs))
+             for path in args.paths}
     totals = _report(found)
     if totals["error"] or (args.strict and totals["warning"]):
         return 2

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from cai.stages.critique import CritiqueConfig
+from cai.stages.flag_filter import FLAG_NAMES
 
 GROUP = None
 
@@ -49,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("export", help="export a stage output JSONL to datasets (save_to_disk + parquet)")
     e.add_argument("file", help="output of cai generate or cai label")
     e.add_argument("--out", required=True, help="directory for the exported tables")
+    e.add_argument("--drop-flag", dest="drop_flags", action="append", default=[], metavar="FLAG",
+                   choices=FLAG_NAMES, help="leave out rows carrying this flag, e.g. copied_few_shot (repeatable)")
     e.set_defaults(func=run_export)
 
 
@@ -69,9 +72,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from cai.stages.export import export_stage_output
+    from cai.stages.export import check_out_dir, export_tables_of, write_tables
 
-    counts = export_stage_output(args.file, args.out)
-    for name, n in counts.items():
-        print(f"{Path(args.out) / name}: {n} rows (and {name}.parquet)")
+    check_out_dir(Path(args.out))
+    tables, dropped = export_tables_of(args.file, tuple(args.drop_flags))
+    write_tables(tables, args.out)
+    for name, rows in tables.items():
+        print(f"{Path(args.out) / name}: {len(rows)} rows (and {name}.parquet)")
+    if dropped:
+        print("dropped: " + ", ".join(f"{why}={n}" for why, n in dropped.items()))
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cai.stages.flag_filter import FLAG_NAMES
+
 GROUP = None
 
 
@@ -31,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="source tag of human rows (default human-helpful)")
     p.add_argument("--skip-malformed", dest="skip_malformed", action="store_true", default=None,
                    help="skip human rows whose transcripts cannot be parsed instead of stopping")
+    p.add_argument("--min-confidence", dest="min_confidence", type=float, default=None, metavar="X",
+                   help="drop AI pairs whose label_prob is within X of 0.5 (keep label_prob >= 0.5 + X; "
+                   "counted in mix.json)")
+    p.add_argument("--drop-flag", dest="drop_flags", action="append", default=None, metavar="FLAG",
+                   choices=FLAG_NAMES, help="drop AI rows carrying this flag, e.g. copied_few_shot (repeatable)")
     p.set_defaults(func=run_mix_command)
 
 
@@ -39,7 +46,7 @@ def run_mix_command(args: argparse.Namespace) -> int:
     from cai.stages.mix import MixConfig, run_mix
 
     fields = ["ai", "human", "out", "ratio", "ai_count", "human_count", "test_size", "seed", "ai_source",
-              "human_source", "skip_malformed"]
+              "human_source", "skip_malformed", "min_confidence", "drop_flags"]
     config = config_from_args(args, MixConfig, fields, ("ai", "human", "out"), "cai mix")
     summary = run_mix(config)
     print(summary.render())

@@ -34,10 +34,12 @@ def run_command(args: argparse.Namespace) -> int:
     from cai.yamlio import parse_override
 
     pipeline = load_pipeline(args.pipeline, dict(parse_override(s) for s in args.sets))
-    for name in args.restart:
-        stage(name)
+    for name in [*args.restart, *([args.until] if args.until else [])]:
+        stage(name)  # an unknown stage name is an error before anything runs, --plan included
     if args.plan:
-        for item in plan(pipeline):
+        items = plan(pipeline)
+        stop = [i.stage for i in items].index(args.until) + 1 if args.until else len(items)
+        for item in items[:stop]:
             print(f"{item.stage:<11} {item.status:<9} {item.detail}")
         return 0
     if args.restart:

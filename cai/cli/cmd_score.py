@@ -41,6 +41,25 @@ def _model_dir(path: str) -> str:
     return path
 
 
+def require_trained_head(model: str) -> None:
+    """Refuse a model without a trained score head: loading a plain language model as a reward model
+    gives it a random head, whose 'rewards' and accuracy would look like results but mean nothing."""
+    from transformers import AutoConfig
+
+    if not Path(model).exists() and model.startswith(("/", ".", "~")):
+        raise CaiError(f"reward model {model} does not exist; give the directory `cai train rm` wrote "
+                       "(its out_dir, or out_dir/final)")
+    try:
+        cfg = AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError):
+        return  # not a loadable model: the loader says why
+    if not any(a.endswith("ForSequenceClassification") for a in cfg.architectures or []):
+        kinds = ", ".join(cfg.architectures or ["unknown"])
+        raise CaiError(f"{model} is not a trained reward model ({kinds} has no trained score head), so its "
+                       "scores would come from a random head. Score with the directory `cai train rm` wrote "
+                       "(its out_dir, or out_dir/final), or train one first: cai train rm CONFIG.yaml")
+
+
 def _text_item(row: dict[str, Any], path: str, line: int) -> tuple[str, Any]:
     """('text', str) or ('messages', conversation ending with the assistant turn)."""
     if isinstance(row.get("text"), str):
@@ -71,10 +90,12 @@ def run_score_command(args: argparse.Namespace) -> int:
         rows.append((line, row))
     if not rows:
         raise InputError(args.file, "no rows")
+    model_dir = _model_dir(args.model)
+    require_trained_head(model_dir)
     is_pair = ["chosen" in r and "rejected" in r for _, r in rows]
     if any(is_pair) and not all(is_pair):
         raise InputError(args.file, "mixes pairs (chosen/rejected) and single texts; score them in separate files")
-    scorer = RewardScorer(_model_dir(args.model), device=args.device, dtype=args.dtype,
+    scorer = RewardScorer(model_dir, device=args.device, dtype=args.dtype,
                           batch_size=args.batch_size, max_length=args.max_length, normalize=args.normalize)
     results: list[dict[str, Any]] = []
     if all(is_pair):

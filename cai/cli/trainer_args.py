@@ -22,9 +22,11 @@ def run_trainer(args: argparse.Namespace, config_class: type[BaseModel], train: 
     """Load and validate the config, train (`train(config, resume=..., progress=...)`), print the summary."""
     from accelerate import PartialState
 
+    from cai.model_paths import check_model_paths
     from cai.train.common import load_train_config, parse_sets
 
     config = load_train_config(args.config, config_class, parse_sets(args.sets))
+    check_model_paths(config, args.config)  # a mistyped model/reward_model dir, before any loading
     summary = train(config, resume=args.resume, progress=not args.quiet)
     if PartialState().is_main_process:
         print(summary.render())

@@ -35,6 +35,7 @@ from cai.prompts import (
     revision_messages,
 )
 from cai.records import CritiqueStep, Flags, Provenance, SFTRecord
+from cai.stages.copy_check import CopyCheck, few_shot_texts
 from cai.stages.inputs import load_prompts, parse_shard, shard_indices, shard_spec
 from cai.store import JsonlStore, SourcePlan
 
@@ -162,6 +163,7 @@ class CritiqueStage:
         self.fingerprint = config.fingerprint(constitution, few_shot, engine.model_id)
         self.config_hash = sha256_of(self.fingerprint)[:16]
         self.tokens = 0
+        self.copy_check = CopyCheck(few_shot_texts(few_shot))
 
     def new_row(self, index: int, conversation: list[Message]) -> _RowState:
         seed = _row_seed(self.config.seed, conversation)
@@ -197,11 +199,13 @@ class CritiqueStage:
             ]
             revisions = self._generate(prompts, self.response_sampling, [_sub_seed(r.seed, "revision", k) for r in rows])
             for r, c, v in zip(rows, critiques, revisions):
+                own = [m.content for m in r.conversation] + [r.initial.text if r.initial else "", r.response]
                 r.steps.append(
                     CritiqueStep(
                         principle_id=r.principles[k].id, critique=c.text.strip(), revision=v.text.strip(),
                         critique_tokens=c.completion_tokens, revision_tokens=v.completion_tokens,
                         critique_finish=c.finish_reason, revision_finish=v.finish_reason,
+                        copied_few_shot=self.copy_check.copied(v.text, own),
                     )
                 )
                 # An empty revision keeps the previous response rather than erasing it.
@@ -217,6 +221,7 @@ class CritiqueStage:
             empty=not r.response.strip(),
             revision_unchanged=_norm(r.response) == _norm(r.initial.text),
             critique_found_nothing=all(critique_found_nothing(s.critique) for s in r.steps),
+            copied_few_shot=any(s.copied_few_shot for s in r.steps),
         )
         return SFTRecord(
             id=r.id,

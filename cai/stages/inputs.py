@@ -9,6 +9,7 @@ from typing import Any
 from cai.conversation import Message, TranscriptError, parse_hh
 from cai.errors import CaiError, InputError
 from cai.store import iter_jsonl
+from cai.textio import check_utf8
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -31,7 +32,10 @@ def shard_spec(spec: str | None) -> str:
 
 def _iter_dataset_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
+    if path.suffix in (".json", ".csv"):
+        check_utf8(path)  # the datasets loaders' own error names neither file nor line
     try:
         if path.is_dir():
             ds = datasets.load_from_disk(str(path))
@@ -42,8 +46,10 @@ def _iter_dataset_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if kind is None:
                 raise InputError(str(path), "unsupported file type (use .jsonl, .jsonl.gz, .json, .parquet, .csv or a saved dataset dir)")
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(str(path), f"cannot load as a dataset: {e}") from None
+    except (FileNotFoundError, ValueError, DatasetGenerationError) as e:
+        cause = e.__cause__ if isinstance(e, DatasetGenerationError) and e.__cause__ else e
+        why = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise InputError(str(path), f"cannot load as a dataset: {why}") from None
     for i, row in enumerate(ds, start=1):
         yield i, dict(row)
 

@@ -4,13 +4,23 @@ The mix is declared, not incidental: either a ratio (share of AI rows; as many r
 allow at that ratio) or exact counts. Rows are drawn and shuffled with one seed, and the
 train/test split is made within each source, so both splits keep the declared ratio. Output:
 DIR/train.jsonl, DIR/test.jsonl (PreferenceRow) and DIR/mix.json (what went in, with sha256).
+
+Before drawing, AI rows can be filtered: `min_confidence` X drops an AI pair whose label_prob
+(oriented, >= 0.5) is below 0.5 + X, i.e. a near coin-flip label that a trainer ignoring
+label_prob would learn as certain; `drop_flags` drops rows carrying a listed flag
+(cai.stages.flag_filter). Both are counted in mix.json under `dropped`.
+
+The three files are written to temporary names and renamed into place only when all are complete,
+so a crash or a full disk never leaves a torn file, and a failed write leaves the previous mix.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cai.conversation import Message
 from cai.errors import CaiError, InputError
 from cai.hashing import record_id, sha256_of
+from cai.stages.flag_filter import FLAG_NAMES, count_key, drop_reason, row_flags
 from cai.stages.pairs import PreferenceRow, human_pair_from_row, iter_rows, read_human_pairs
 from cai.store import unique_ids
 
@@ -39,6 +50,15 @@ class MixConfig(BaseModel):
     ai_source: str = "ai-harmless"
     human_source: str = "human-helpful"
     skip_malformed: bool = Field(False, description="skip human rows that cannot be parsed instead of stopping")
+    min_confidence: float = Field(0.0, ge=0.0, le=0.5, description="drop AI pairs with label_prob < 0.5 + this")
+    drop_flags: list[str] = Field(default_factory=list, description=f"drop rows flagged with any of: {', '.join(FLAG_NAMES)}")
+
+    @model_validator(mode="after")
+    def _known_flags(self) -> MixConfig:
+        unknown = [f for f in self.drop_flags if f not in FLAG_NAMES]
+        if unknown:
+            raise ValueError(f"unknown flag {unknown[0]!r} in drop_flags; the flags are: {', '.join(FLAG_NAMES)}")
+        return self
 
     @model_validator(mode="after")
     def _ratio_or_counts(self) -> MixConfig:
@@ -76,11 +96,27 @@ def ai_row(row: dict[str, Any], path: str, line: int, source: str) -> Preference
                          rejected=[Message(role="assistant", content=rejected)], label_prob=p, source=source)
 
 
-def read_ai_rows(path: Path, source: str) -> list[PreferenceRow]:
-    rows = [ai_row(row, str(path), line, source) for line, row in unique_ids(iter_rows(path), path)]
-    if not rows:
+LOW_CONFIDENCE = "low_confidence"
+
+
+def read_ai_rows(path: Path, config: MixConfig) -> tuple[list[PreferenceRow], list[str]]:
+    """The AI rows of one file that pass the filters, and the reason each other row was dropped."""
+    rows: list[PreferenceRow] = []
+    dropped: list[str] = []
+    seen = 0
+    for line, raw in unique_ids(iter_rows(path), path):
+        seen += 1
+        row = ai_row(raw, str(path), line, config.ai_source)
+        flag = drop_reason(row_flags(raw), tuple(config.drop_flags))
+        if flag is not None:
+            dropped.append(count_key(flag))
+        elif row.label_prob - 0.5 < config.min_confidence:
+            dropped.append(LOW_CONFIDENCE)
+        else:
+            rows.append(row)
+    if not seen:
         raise InputError(str(path), "no rows in file")
-    return rows
+    return rows, dropped
 
 
 def read_human_rows(path: Path, source: str, skip_malformed: bool) -> tuple[list[PreferenceRow], int]:
@@ -127,9 +163,12 @@ class MixSummary(BaseModel):
     inputs: list[dict[str, Any]]  # path, sha256, source, rows available
     counts: dict[str, dict[str, int]]  # split -> source -> rows
     malformed_skipped: int
+    dropped: dict[str, int] = Field(default_factory=dict, description="AI rows left out, by reason")
 
     def render(self) -> str:
         lines = [f"{split}: " + ", ".join(f"{src}={n}" for src, n in by.items()) for split, by in self.counts.items()]
+        if self.dropped:
+            lines.append("dropped AI rows: " + ", ".join(f"{why}={n}" for why, n in self.dropped.items()))
         return "\n".join(lines)
 
 
@@ -139,14 +178,17 @@ def _split(rows: list[PreferenceRow], test_size: float) -> tuple[list[Preference
 
 
 def run_mix(config: MixConfig) -> MixSummary:
-    """Read, draw, shuffle, split and write the mix."""
+    """Read, filter, draw, shuffle, split and write the mix."""
+    check_out_dir(Path(config.out))
     inputs: list[dict[str, Any]] = []
     ai: list[PreferenceRow] = []
     human: list[PreferenceRow] = []
     malformed = 0
+    reasons: list[str] = []
     for path in config.ai:
-        rows = read_ai_rows(path, config.ai_source)
+        rows, why = read_ai_rows(path, config)
         ai += rows
+        reasons += why
         inputs.append({"path": str(path), "sha256": sha256_of(path.read_bytes()), "source": config.ai_source,
                        "rows": len(rows)})
     for path in config.human:
@@ -174,12 +216,6 @@ def run_mix(config: MixConfig) -> MixSummary:
     train, test = ai_train + human_train, ai_test + human_test
     rng.shuffle(train)
     rng.shuffle(test)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train), ("test", test)):
-        with (out / f"{name}.jsonl").open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(row.model_dump_json() + "\n")
     summary = MixSummary(
         seed=config.seed, ratio=ratio, requested={"ai_count": config.ai_count, "human_count": config.human_count},
         test_size=config.test_size, inputs=inputs,
@@ -188,6 +224,36 @@ def run_mix(config: MixConfig) -> MixSummary:
             "test": {config.ai_source: len(ai_test), config.human_source: len(human_test)},
         },
         malformed_skipped=malformed,
+        dropped=dict(sorted(Counter(reasons).items())),
     )
-    (out / "mix.json").write_text(json.dumps(summary.model_dump(mode="json"), indent=2))
+    write_mix(Path(config.out), {
+        "train.jsonl": "".join(row.model_dump_json() + "\n" for row in train),
+        "test.jsonl": "".join(row.model_dump_json() + "\n" for row in test),
+        "mix.json": json.dumps(summary.model_dump(mode="json"), indent=2),
+    })
     return summary
+
+
+def check_out_dir(out: Path) -> None:
+    """`out` must be a directory or not exist yet: a mix is three files, and a file there is the user's."""
+    if out.exists() and not out.is_dir():
+        raise CaiError(f"--out {out} is an existing file, but cai mix writes a directory (train.jsonl, "
+                       "test.jsonl, mix.json); choose a directory path")
+
+
+def write_mix(out: Path, files: dict[str, str]) -> None:
+    """Write every file to a temporary name (fsynced), then rename them all into place; on any error the
+    temporary files are removed and the previous contents of `out` are left as they were."""
+    out.mkdir(parents=True, exist_ok=True)
+    temps = {name: out / f".{name}.tmp-{os.getpid()}" for name in files}
+    try:
+        for name, text in files.items():
+            with temps[name].open("w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        for name, tmp in temps.items():
+            os.replace(tmp, out / name)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)

@@ -1,0 +1,43 @@
+"""Dropping flagged rows on the way into a dataset, by a rule the user lists (`--drop-flag NAME`).
+
+The rule: a row is dropped when any flag named in the list is set on it. A row's flags are its
+`flags` field: a mapping of flag name -> bool (critique-revise rows, `cai.records.Flags`) or a
+list of the names that are set. Rows without a `flags` field carry no flags and are kept. Only
+the names `Flags` defines are accepted (argparse choices, config validators), so a typo cannot
+silently filter nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from cai.records import Flags
+
+FLAG_NAMES = tuple(Flags.model_fields)
+
+
+def row_flags(row: dict[str, Any]) -> set[str]:
+    """Names of the flags set on a raw row (see the module docstring for the accepted forms)."""
+    flags = row.get("flags")
+    if isinstance(flags, dict):
+        return {str(k) for k, v in flags.items() if v is True}
+    if isinstance(flags, list):
+        return {str(k) for k in flags}
+    return set()
+
+
+def drop_reason(flags: set[str], drop: tuple[str, ...]) -> str | None:
+    """The first listed flag set in `flags` (what the row is counted under), or None to keep it."""
+    return next((name for name in drop if name in flags), None)
+
+
+def count_key(flag: str) -> str:
+    """How dropped rows are counted in summaries: `flag:<name>`."""
+    return f"flag:{flag}"
+
+
+def tally(reasons: Iterable[str | None]) -> dict[str, int]:
+    """Counts of dropped rows per flag, for a summary."""
+    return {count_key(r): n for r, n in sorted(Counter(r for r in reasons if r is not None).items())}
