@@ -164,15 +164,16 @@ def test_export_drops_repeated_ids_with_a_warning(tmp_path: Path, repo_root: Pat
 
 
 def test_mix_reads_each_ai_row_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from cai.stages.mix import read_ai_rows
+    from cai.stages.mix import MixConfig, read_ai_rows
 
     rows = [{"id": f"ai{i}", "prompt": [{"role": "user", "content": f"q{i}"}], "response_a": f"refuse {i}",
              "response_b": f"comply {i}", "label_prob": 0.9} for i in range(3)]
     path = tmp_path / "labels.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[:1]))
     with caplog.at_level(logging.WARNING, logger="cai.store"):
-        got = read_ai_rows(path, "ai-harmless")
+        got, dropped = read_ai_rows(path, MixConfig(ai=[path], human=[path], out=tmp_path / "mix"))
     assert [r.id for r in got] == ["ai0", "ai1", "ai2"]
+    assert dropped == []
     assert "dropped 1 row(s)" in caplog.text
 
 
