@@ -400,7 +400,7 @@ def test_overlong_skip_rule_and_max_length(tiny_model_dir):
 @pytest.fixture(scope="module")
 def merging_engine(tmp_path_factory) -> HFEngine:
     """A tiny model whose tokenizer has merges (vocab 400), so a choice can fuse with the prompt's end."""
-    from tests.tiny import build_tiny_model
+    from tiny import build_tiny_model
 
     path = build_tiny_model(tmp_path_factory.mktemp("merging"), vocab_size=400)
     return HFEngine(path, device="cpu", dtype="float32")
