@@ -234,7 +234,7 @@ class FakeLLM:
         return out
 
     def _answer(self, ids: list[int], sp: Any, scripted: CompletionOutput | None) -> RequestOutput:
-        done = scripted or CompletionOutput("x" * sp.max_tokens, [5] * sp.max_tokens, "length")
+        done = scripted or CompletionOutput(f"sample {sp.seed}", [5] * sp.max_tokens, "length")
         if sp.logprob_token_ids is not None:
             sampled = done.token_ids[0] if done.token_ids else 5
             done.logprobs = [{t: Logprob(fake_logprob(t, len(ids))) for t in [sampled, *sp.logprob_token_ids]}]

@@ -107,8 +107,15 @@ class Engine(Protocol):
         ...
 
 
-def engine_details(engine: Engine) -> dict[str, Any]:
-    """engine.details(), or {} for engines without it (test doubles): what provenance and stage
+def engine_details(engine: Engine) -> dict[str, Any] | None:
+    """engine.details(), or None for engines without it (test doubles): what provenance and stage
     fingerprints record about the engine besides its name and model_id."""
     details = getattr(engine, "details", None)
-    return dict(details()) if callable(details) else {}
+    return (dict(details()) or None) if callable(details) else None
+
+
+def engine_fingerprint(engine: Engine) -> dict[str, Any]:
+    """The part of a stage fingerprint that comes from the engine beyond model_id and name:
+    {"engine_details": ...}, or {} when the engine reports none (so test doubles keep their ids)."""
+    details = engine_details(engine)
+    return {"engine_details": details} if details else {}

@@ -356,10 +356,7 @@ class HFEngine:
 
     def details(self) -> dict[str, Any]:
         """Output-changing settings: dtype (bf16 vs fp32 numerics) and the prompt-fitting rule."""
-        import transformers
-
-        return {"transformers": transformers.__version__, "torch": torch.__version__, "dtype": self.dtype,
-                "max_length": self.max_length, "overlong": self.overlong, "window": self.window}
+        return {"dtype": self.dtype, "max_length": self.max_length, "overlong": self.overlong, "window": self.window}
 
     # ---- formats -------------------------------------------------------------------------------
 

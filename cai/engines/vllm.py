@@ -77,7 +77,7 @@ def check_vllm_version(version: str) -> None:
 
 
 def _start_error(model: str, share: float, cause: Exception) -> CaiError:
-    text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    text = (str(cause).splitlines()[0] if str(cause) else type(cause).__name__).rstrip(".")
     if "memory" in text.lower():
         return CaiError(
             f"vLLM could not start {model!r} with gpu_memory_utilization={share}: {text}. Another engine "
@@ -97,7 +97,7 @@ class VLLMEngine:
         self,
         model: str | Path,
         tensor_parallel_size: int = 1,
-        gpu_memory_utilization: float = 0.9,
+        gpu_memory_utilization: float = 0.9,  # = cai.engines.VLLM_DEFAULT_SHARE
         dtype: str = "auto",
         enable_prefix_caching: bool = True,
         max_model_len: int | None = None,
