@@ -332,16 +332,39 @@ class HFEngine:
         `model_id` overrides what provenance records (default: cai.engines.identity's rule).
         `prefix_cache`: run a prompt prefix shared by all prompts of a call (at least
         `prefix_min_tokens` long) once and reuse its KV cache for every row."""
+        self._check(batch_size, prefix_min_tokens, overlong)
+        self.device = resolve_device(device)
+        tokenizer, lm = load_pretrained(model, resolve_dtype(dtype, self.device))
+        self._setup(tokenizer, lm, model_id or stable_model_id(model), batch_size, max_length, prefix_cache,
+                    prefix_min_tokens, overlong)
+
+    @classmethod
+    def from_loaded(cls, tokenizer: Any, model: Any, model_id: str, batch_size: int = 16,
+                    max_length: int | None = None, prefix_cache: bool = True,
+                    prefix_min_tokens: int = PREFIX_MIN_TOKENS, overlong: Overlong = "truncate") -> HFEngine:
+        """An engine around a tokenizer and model already in memory, on the model's device (for
+        benchmarks that build random-weight models from configs, with nothing on disk)."""
+        cls._check(batch_size, prefix_min_tokens, overlong)
+        engine = cls.__new__(cls)
+        engine.device = model.device
+        engine._setup(tokenizer, model, model_id, batch_size, max_length, prefix_cache, prefix_min_tokens, overlong)
+        return engine
+
+    @staticmethod
+    def _check(batch_size: int, prefix_min_tokens: int, overlong: str) -> None:
+        """Bad options fail before a model is loaded."""
         if batch_size < 1:
             raise CaiError(f"batch_size must be >= 1, got {batch_size}")
         if prefix_min_tokens < 1:
             raise CaiError(f"prefix_min_tokens must be >= 1, got {prefix_min_tokens}")
         if overlong not in OVERLONG_RULES:
             raise CaiError(f"engine option overlong={overlong!r}: use one of {', '.join(OVERLONG_RULES)}")
+
+    def _setup(self, tokenizer: Any, model: Any, model_id: str, batch_size: int, max_length: int | None,
+               prefix_cache: bool, prefix_min_tokens: int, overlong: Overlong) -> None:
         self.overlong: Overlong = overlong
-        self.model_id = model_id or stable_model_id(model)
-        self.device = resolve_device(device)
-        self.tokenizer, self.model = load_pretrained(model, resolve_dtype(dtype, self.device))
+        self.model_id = model_id
+        self.tokenizer, self.model = tokenizer, model
         self.model.to(self.device).eval()  # eval: dropout off
         ensure_pad_token(self.tokenizer, self.model)
         self.tokenizer.padding_side = "left"
