@@ -31,8 +31,9 @@ def split_gpu_share(name: str, options: dict[str, Any], engines: int) -> dict[st
 def load_engine(name: str = "hf", model: str | None = None, **options: Any) -> Engine:
     """Build engine `name` for `model` (a local path or hub id; None = the bundled Gemma 3 270M).
 
-    `options` go to the engine's constructor (e.g. device, dtype, batch_size for hf;
-    tensor_parallel_size, gpu_memory_utilization for vllm).
+    `options` go to the engine's constructor (both: max_length, overlong, model_id; hf: device,
+    dtype, batch_size; vllm: gpu_memory_utilization, max_model_len, batch_invariant, tensor_parallel_size
+    and any other vllm.LLM option).
     """
     if name not in ENGINES:
         raise CaiError(f"unknown engine {name!r}; choose one of: {', '.join(ENGINES)}")
