@@ -183,7 +183,9 @@ def save_model(shape: dict[str, Any], tok: Any, device: torch.device, dtype: tor
 def train_rows(workdir: Path, n: int) -> tuple[Path, Path]:
     """A preference file (mix's row format) and a prompt file for the trainers."""
     texts = prompts(n, 24)
-    msg = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    def msg(role: str, text: str) -> list[dict[str, str]]:
+        return [{"role": role, "content": text}]
+
     pairs = [{"id": f"p{i}", "prompt": msg("user", t), "chosen": msg("assistant", texts[(i + 1) % n]),
               "rejected": msg("assistant", texts[(i + 2) % n]), "label_prob": 0.8, "source": "check"}
              for i, t in enumerate(texts)]
@@ -256,6 +258,21 @@ def vllm_figures(model_dir: Path, sizes: dict[str, Any]) -> None:
     engine.close()
 
 
+def engine_figures(name: str, shape: dict[str, Any], tok: Any, sizes: dict[str, Any], device: torch.device,
+                   dtype: torch.dtype, skip: list[str]) -> bool:
+    """Generation and scoring figures of one model shape on our hf engine (the model lives in memory)."""
+    from cai.engines.hf import HFEngine
+
+    engine = HFEngine.from_loaded(tok, build_model(shape, tok, device, dtype), f"random-{name}",
+                                  batch_size=sizes["gen"][3])
+    ok = True
+    if "gen" not in skip:
+        ok &= run_step(f"gen_{name}", lambda: generation_figures(name, engine, sizes, device))
+    if "choice" not in skip:
+        ok &= run_step(f"choice_{name}", lambda: choice_figure(name, engine, sizes, device))
+    return ok
+
+
 def run_step(name: str, fn: Callable[[], None]) -> bool:
     """Run one figure; a failure prints `RESULT <name>_failed 1` and the error, and the others still run."""
     start = time.perf_counter()
@@ -279,22 +296,14 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     train_dtype = "bf16" if device.type == "cuda" else "fp32"
     shapes, sizes = (TINY, TINY_SIZES) if a.tiny else (SHAPES, FULL_SIZES)
-    torch.set_num_threads(1) if device.type == "cpu" else None
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     tok = build_tokenizer()
-    from cai.engines.hf import HFEngine
-
     ok = True
     for name, shape in shapes.items():
-        if {"gen", "choice"} <= set(a.skip):
-            break
-        engine = HFEngine.from_loaded(tok, build_model(shape, tok, device, dtype), f"random-{name}",
-                                      batch_size=sizes["gen"][3])
-        if "gen" not in a.skip:
-            ok &= run_step(f"gen_{name}", lambda: generation_figures(name, engine, sizes, device))
-        if "choice" not in a.skip:
-            ok &= run_step(f"choice_{name}", lambda: choice_figure(name, engine, sizes, device))
-        del engine
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        ok &= engine_figures(name, shape, tok, sizes, device, dtype, a.skip)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model_dir = save_model(shapes["gemma1b"], tok, device, dtype, workdir / "gemma1b")

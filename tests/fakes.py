@@ -181,7 +181,6 @@ class FakeLLM:
         import weakref
 
         from transformers import AutoConfig, AutoTokenizer
-
         from vllm_api_033 import LLM_KEYWORDS
 
         unknown = sorted(set(kwargs) - LLM_KEYWORDS)

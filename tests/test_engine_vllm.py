@@ -3,7 +3,6 @@ reads the answers, and the 0.33 behaviours that would break a first GPU run (iss
 
 from __future__ import annotations
 
-import shutil
 import sys
 
 import pytest

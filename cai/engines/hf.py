@@ -32,7 +32,14 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from cai.conversation import HH_STOP, to_hh
 from cai.engines.base import FinishReason, Generation, RowFlag, SamplingConfig, Scores
 from cai.engines.identity import stable_model_id
-from cai.engines.lengths import OVERLONG_RULES, Overlong, context_window, fit_prompt, plan_scoring, prompt_budget
+from cai.engines.lengths import (
+    OVERLONG_RULES,
+    Overlong,
+    context_window,
+    fit_prompt,
+    plan_scoring,
+    prompt_budget,
+)
 from cai.errors import CaiError
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,9 @@ letters are then scored after an answer cue, and p_ab and p_ba are clamped to a 
 from __future__ import annotations
 
 import math
-from collections import Counter
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
