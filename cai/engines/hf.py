@@ -36,6 +36,7 @@ from cai.engines.lengths import (
     OVERLONG_RULES,
     Overlong,
     context_window,
+    encode_within,
     fit_prompt,
     plan_scoring,
     prompt_budget,
@@ -405,7 +406,7 @@ class HFEngine:
         budget = prompt_budget(self.window, self.max_length, reserve)
         out = []
         for p in prompts:
-            ids = encode_prompt(self.tokenizer, p)
+            _, ids = encode_within(lambda t: encode_prompt(self.tokenizer, t), p, budget)
             out.append((ids, *fit_prompt(ids, budget, self.overlong)))
         return out
 

@@ -9,16 +9,25 @@ engine's `max_length` on prompts, if set). A prompt that does not fit is
 - "skip": not run at all; flag `prompt_too_long`.
 A prompt of zero tokens is skipped with flag `empty_prompt` (nothing to continue from).
 Rows are fitted one by one, so one bad row never fails a batch.
+
+A text so long that it cannot fit whatever the tokenizer (over MAX_CHARS_PER_TOKEN characters per
+token of budget, twice over) is tokenized from its tail only: a 5 MB prompt costs a tokenization
+of a few hundred kB, not minutes and gigabytes. The kept tokens (BOS + the last ones) are those of the
+whole text except, rarely, right at the cut, which left-truncation drops anyway.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 from cai.engines.base import RowFlag
 
 log = logging.getLogger(__name__)
+
+# No real tokenizer averages this many characters per token over a long text.
+MAX_CHARS_PER_TOKEN = 32
 
 Overlong = Literal["truncate", "skip"]
 OVERLONG_RULES = ("truncate", "skip")
@@ -40,6 +49,18 @@ def prompt_budget(window: int | None, max_length: int | None, reserve: int) -> i
     return min(limits) if limits else None
 
 
+def encode_within(encode: Callable[[str], list[int]], text: str, budget: int | None) -> tuple[str, list[int]]:
+    """(text, encode(text)); for a text that cannot fit `budget` tokens, (its tail, first token of
+    the text + encode(tail)) when that is over budget: what `fit_prompt` keeps of it (the first and
+    the last tokens) is what it would keep of the whole text, and the row is cut and flagged the same."""
+    if budget is not None and len(text) > 2 * MAX_CHARS_PER_TOKEN * max(budget, 1):
+        tail = text[-MAX_CHARS_PER_TOKEN * max(budget, 1):]
+        ids = encode(text[:MAX_CHARS_PER_TOKEN])[:1] + encode(tail)
+        if len(ids) > budget + 1:
+            return tail, ids
+    return text, encode(text)
+
+
 def fit_prompt(ids: list[int], budget: int | None, overlong: Overlong = "truncate"
                ) -> tuple[list[int] | None, RowFlag | None]:
     """(ids to run or None to skip, flag) for one prompt under `budget` tokens (rule: module doc)."""
@@ -48,9 +69,9 @@ def fit_prompt(ids: list[int], budget: int | None, overlong: Overlong = "truncat
     if budget is None or len(ids) <= budget:
         return ids, None
     if overlong == "skip" or budget < 2:
-        log.warning("prompt of %d tokens skipped: at most %d fit", len(ids), max(budget, 0))
+        log.warning("prompt over %d tokens (%d counted) skipped", max(budget, 0), len(ids))
         return None, "prompt_too_long"
-    log.warning("prompt of %d tokens cut to its first and last %d tokens", len(ids), budget - 1)
+    log.warning("prompt over %d tokens (%d counted) cut to its first and last %d tokens", budget, len(ids), budget - 1)
     return ids[:1] + ids[len(ids) - budget + 1:], "prompt_too_long"
 
 
@@ -79,7 +100,8 @@ def plan_scoring(encode: Any, prompts: list[str], choices: list[list[str]], wind
     An empty choice scores 0.0 and is not run; a prompt with a skipped choice is skipped whole."""
     plan = ScoringPlan(len(prompts))
     for i, (prompt, cs) in enumerate(zip(prompts, choices)):
-        prompt_ids = encode(prompt)
+        text, prompt_ids = encode_within(encode, prompt, prompt_budget(window, max_length, 0))
+        head = prompt_ids[:1] if len(text) < len(prompt) else []  # the text's first token, when only its tail was read
         if not prompt_ids:
             plan.flags[i] = "empty_prompt"
             plan.skipped.add(i)
@@ -88,7 +110,7 @@ def plan_scoring(encode: Any, prompts: list[str], choices: list[list[str]], wind
         for j, choice in enumerate(cs):
             if not choice:
                 continue
-            context, continuation = split_joint(prompt_ids, encode(prompt + choice))
+            context, continuation = split_joint(prompt_ids, head + encode(text + choice))
             fitted, flag = fit_prompt(context, prompt_budget(window, max_length, len(continuation)), overlong)
             plan.flags[i] = plan.flags[i] or flag
             if fitted is None:

@@ -32,7 +32,7 @@ from cai.conversation import HH_STOP
 from cai.engines.base import FinishReason, Generation, SamplingConfig, Scores
 from cai.engines.hf import encode_prompt, has_chat_template, render_chat, turn_end_ids
 from cai.engines.identity import stable_model_id
-from cai.engines.lengths import OVERLONG_RULES, Overlong, fit_prompt, plan_scoring, prompt_budget
+from cai.engines.lengths import OVERLONG_RULES, Overlong, encode_within, fit_prompt, plan_scoring, prompt_budget
 from cai.errors import CaiError
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ class VLLMEngine:
         budget = prompt_budget(self.window, self.max_length, sampling.max_new_tokens)
         fitted = []
         for p in prompts:
-            ids = encode_prompt(self.tokenizer, p)
+            _, ids = encode_within(lambda t: encode_prompt(self.tokenizer, t), p, budget)
             fitted.append((ids, *fit_prompt(ids, budget, self.overlong)))
         run = [i for i, (_, ids, _) in enumerate(fitted) if ids is not None]
         done = self._complete([fitted[i][1] for i in run], sampling, [seeds[i] for i in run])  # type: ignore[misc]
