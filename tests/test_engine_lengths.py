@@ -25,7 +25,7 @@ def test_split_at_the_prompt_length_and_never_empty():
 
 
 def test_scoring_plan_fits_each_context_with_room_for_its_choice():
-    encode = lambda text: [ord(c) for c in text]  # noqa: E731 - one token per character
+    encode = lambda text: [ord(c) for c in text]
     plan = plan_scoring(encode, ["abcdefgh", "", "xy"], [["12", "3"], ["1"], ["", "z"]], window=8, max_length=None)
     assert plan.flags == ["prompt_too_long", "empty_prompt", None] and plan.skipped == {1}
     assert [(i, j, "".join(map(chr, c)), "".join(map(chr, n))) for i, j, c, n in plan.jobs] == [

@@ -32,7 +32,14 @@ from cai.conversation import HH_STOP
 from cai.engines.base import FinishReason, Generation, SamplingConfig, Scores
 from cai.engines.hf import encode_prompt, has_chat_template, render_chat, turn_end_ids
 from cai.engines.identity import stable_model_id
-from cai.engines.lengths import OVERLONG_RULES, Overlong, encode_within, fit_prompt, plan_scoring, prompt_budget
+from cai.engines.lengths import (
+    OVERLONG_RULES,
+    Overlong,
+    encode_within,
+    fit_prompt,
+    plan_scoring,
+    prompt_budget,
+)
 from cai.errors import CaiError
 
 if TYPE_CHECKING:
