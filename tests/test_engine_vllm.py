@@ -162,3 +162,16 @@ def test_batch_invariant_option_sets_the_variable_and_is_recorded(fake_vllm, tin
 
     engine = load_engine("vllm", str(tiny_model_dir), batch_invariant=True)
     assert os.environ["VLLM_BATCH_INVARIANT"] == "1" and engine.details()["batch_invariant"] is True
+
+
+def test_ppo_counts_only_eos_and_stop_as_finished_rollouts():
+    """A row vLLM ended for repetition, abort or error did not finish its answer: PPO must not treat
+    it as ended (it gets the unfinished penalty like a length-capped row)."""
+    import torch
+
+    from cai.train.rollout import Rollout
+
+    empty = torch.zeros((5, 1), dtype=torch.long)
+    reasons = ["eos", "stop", "length", "repetition", "abort"]
+    rollout = Rollout(empty, empty, empty, torch.zeros(5, dtype=torch.long), reasons, [""] * 5)
+    assert rollout.ended.tolist() == [True, True, False, False, False]
