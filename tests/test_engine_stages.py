@@ -63,3 +63,20 @@ def test_label_with_a_policy_model_starts_both_engines_and_counts_flags(fake_vll
     assert [llm.kwargs["gpu_memory_utilization"] for llm in fake_vllm.created] == [0.45, 0.45]
     assert summary.rows_written == 3 and summary.flags == {"prompt_too_long": 3}
     assert all(r.flags == ["prompt_too_long"] for r in read_records(tmp_path / "labels.jsonl", LabelRecord))
+
+
+def test_gpu_example_engine_options_start_on_vllm_033(fake_vllm, tiny_model_dir, repo_root):
+    """examples/pipeline-gpu.yaml's engine options are valid vLLM 0.33 options for one engine per GPU:
+    no tensor parallelism for the 1B policy (Gemma 3 1B's 4 heads cannot split 8 ways) and no
+    data_parallel_size (vLLM's offline LLM refuses it)."""
+    import yaml
+
+    from cai.engines import load_engine
+    from cai.pipeline import PipelineConfig
+
+    pipe = PipelineConfig(**yaml.safe_load((repo_root / "examples" / "pipeline-gpu.yaml").read_text()))
+    assert pipe.engine == "vllm"
+    for options in (pipe.engine_options, pipe.label.get("engine_options", {})):
+        assert options.get("tensor_parallel_size", 1) == 1 and "data_parallel_size" not in options
+        engine = load_engine("vllm", str(tiny_model_dir), **options)
+        engine.close()
