@@ -133,6 +133,8 @@ class VLLMEngine:
         self.overlong: Overlong = overlong
         if batch_invariant:
             os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read by vLLM when the engine starts
+            # an engine already started in this process may have frozen vLLM's env reads
+            getattr(getattr(vllm, "envs", None), "disable_envs_cache", lambda: None)()
         self.batch_invariant = os.environ.get("VLLM_BATCH_INVARIANT", "0") not in ("", "0")
         self._options = {
             "dtype": dtype, "tensor_parallel_size": tensor_parallel_size, "enable_prefix_caching": enable_prefix_caching,
