@@ -98,7 +98,10 @@ class RunContext:
         return self._engine[1]
 
     def release(self) -> None:
-        """Drop the engine before training, so the trainers get its memory."""
+        """Drop the engine before training or another engine, so they get its memory (a vLLM engine
+        holds its GPU share until it is shut down: engines with `close()` are closed)."""
+        if self._engine is not None and callable(getattr(self._engine[1], "close", None)):
+            self._engine[1].close()
         self._engine = None
         gc.collect()
 

@@ -28,6 +28,7 @@ class Provenance(BaseModel):
     engine: str
     seed: int
     sampling: dict[str, Any]
+    engine_details: dict[str, Any] | None = Field(None, description="engine version and output-changing options")
     cai_version: str = __version__
     created_at: str = Field(default_factory=utc_now)
 
@@ -57,6 +58,8 @@ class Flags(BaseModel):
     revision_unchanged: bool = False  # the final response equals the initial one
     critique_found_nothing: bool = False  # every critique said there was nothing to fix
     copied_few_shot: bool = False  # some step's revision copied words from the few-shot dialogues
+    prompt_too_long: bool = False  # some prompt of the row did not fit the model's context (cut or skipped)
+    empty_prompt: bool = False  # some prompt of the row had no tokens (not run)
 
     def kinds(self) -> list[str]:
         return [name for name, value in self.model_dump().items() if value]

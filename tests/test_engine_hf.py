@@ -9,7 +9,7 @@ import torch
 
 from cai.conversation import HH_STOP, to_hh
 from cai.engines import hf, load_engine
-from cai.engines.base import Engine, SamplingConfig
+from cai.engines.base import Engine, SamplingConfig, row_flag
 from cai.engines.hf import HFEngine, ensure_pad_token, sample_rows, turn_end_ids
 from cai.errors import CaiError
 
@@ -355,6 +355,76 @@ def test_identical_prompts_and_short_prefixes(engine_pair):
     assert shapes == [(2, max(len(reuse.encode(p)) for p in short))]
 
 
-def test_empty_prompt_is_an_error(engine):
-    with pytest.raises(CaiError, match="prompt 1 is empty"):
-        engine.generate(["hi", ""], GREEDY)
+def test_empty_prompt_is_flagged_and_skipped_without_failing_the_batch(engine):
+    out = engine.generate(["hi", ""], GREEDY)
+    assert out[0] == engine.generate(["hi"], GREEDY)[0] and out[0].flag is None
+    assert (out[1].text, out[1].completion_tokens, out[1].finish_reason, out[1].flag) == ("", 0, "skipped", "empty_prompt")
+    scores = engine.choice_logprobs(["hi", ""], [[" A", " B"], [" A", " B"]])
+    assert row_flag(scores[1]) == "empty_prompt" and list(scores[1]) == [0.0, 0.0]
+    assert row_flag(scores[0]) is None and scores[0][0] < 0
+
+
+def long_prompt(engine: HFEngine, tokens: int) -> str:
+    text = " ".join(["the quick brown fox jumps over the lazy dog"] * tokens)
+    ids = engine.tokenizer(text)["input_ids"]
+    assert len(ids) > tokens
+    return engine.tokenizer.decode(ids[:tokens])
+
+
+def test_overlong_prompt_is_cut_to_the_context_keeping_first_and_last_tokens(engine):
+    """The tiny model's context is 1024 tokens: a 3000-token prompt is left-truncated to leave room
+    for max_new_tokens (old code ran all 3000 positions, and a 5 MB prompt tried to allocate TBs)."""
+    assert engine.window == 1024
+    text = long_prompt(engine, 3000) + " Assistant: the end"
+    out = engine.generate([text, "hi"], GREEDY)
+    assert out[0].flag == "prompt_too_long" and out[0].prompt_tokens == 1024 - GREEDY.max_new_tokens
+    assert out[0].finish_reason in ("eos", "length") and out[1] == engine.generate(["hi"], GREEDY)[0]
+    ids = engine.tokenizer(text)["input_ids"]
+    cut = ids[:1] + ids[len(ids) - (1024 - GREEDY.max_new_tokens) + 1:]
+    assert out[0].text == engine.generate([engine.tokenizer.decode(cut)], GREEDY)[0].text  # same tokens run
+    scores = engine.choice_logprobs([text], [[" A", " B second"]])[0]
+    assert row_flag(scores) == "prompt_too_long" and all(s < 0 for s in scores)
+
+
+def test_overlong_skip_rule_and_max_length(tiny_model_dir):
+    skip = HFEngine(tiny_model_dir, device="cpu", dtype="float32", overlong="skip", max_length=40)
+    text = long_prompt(skip, 60)
+    out = skip.generate([text, "hi"], GREEDY)
+    assert (out[0].finish_reason, out[0].flag, out[0].completion_tokens) == ("skipped", "prompt_too_long", 0)
+    assert out[1].flag is None and out[1].completion_tokens > 0
+    assert skip.details()["overlong"] == "skip" and skip.details()["max_length"] == 40
+    with pytest.raises(CaiError, match="overlong"):
+        HFEngine(tiny_model_dir, device="cpu", overlong="cut")
+
+
+@pytest.fixture(scope="module")
+def merging_engine(tmp_path_factory) -> HFEngine:
+    """A tiny model whose tokenizer has merges (vocab 400), so a choice can fuse with the prompt's end."""
+    from tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path_factory.mktemp("merging"), vocab_size=400)
+    return HFEngine(path, device="cpu", dtype="float32")
+
+
+def test_choice_scored_on_prompt_and_choice_tokenized_together(merging_engine):
+    """lm-eval-harness rule: "ba" + "ke bread?" is read as the model reads "bake bread?". Tokenized
+    apart, the choice would be 5 tokens starting with "k"; together, the split at the prompt's
+    length leaves the last 2 tokens as the continuation."""
+    engine, tok = merging_engine, merging_engine.tokenizer
+    prompt, choice = "Human: how do I ba", "ke bread?"
+    apart = tok(prompt)["input_ids"], tok(choice, add_special_tokens=False)["input_ids"]
+    joint = tok(prompt + choice)["input_ids"]
+    assert joint[:len(apart[0])] != apart[0]  # a merge across the boundary
+
+    def logp(context: list[int], continuation: list[int]) -> float:
+        with torch.no_grad():
+            logits = engine.model(torch.tensor([context + continuation])).logits[0].float()
+        lp = torch.log_softmax(logits, -1)
+        return sum(float(lp[len(context) - 1 + k, t]) for k, t in enumerate(continuation))
+
+    got = engine.choice_logprobs([prompt], [[choice, " fox"]])[0]
+    cut = len(apart[0])
+    assert got[0] == pytest.approx(logp(joint[:cut], joint[cut:]), abs=1e-4)
+    assert abs(got[0] - logp(*apart)) > 1e-2  # the old rule gives a different number
+    fox = tok(prompt + " fox")["input_ids"]
+    assert got[1] == pytest.approx(logp(fox[:cut], fox[cut:]), abs=1e-4)

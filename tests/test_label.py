@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from fakes import FakeEngine, PreferenceScore, hashed_score
 
+from cai.engines.identity import stable_model_id
 from cai.errors import CaiError, InputError
 from cai.stages.label import (
     LabelConfig,
@@ -385,7 +386,7 @@ def test_tiny_model_labels_equal_hand_computation_from_logits(
             assert abs(p_ab - 0.5) > 0.05  # a confident model, not a near-uniform tie
         assert row.label_prob == pytest.approx(sum(ab + ba for ab, ba in hand) / (2 * len(hand)), abs=1e-5)
         assert swap.label_prob == pytest.approx(1 - row.label_prob, abs=1e-6)
-        assert row.provenance.model == str(sharp_model_dir) and row.provenance.engine == "hf"
+        assert row.provenance.model == stable_model_id(sharp_model_dir) and row.provenance.engine == "hf"
 
 
 # ---------------------------------------------------------------- evaluation against human labels
@@ -455,7 +456,7 @@ def test_cli_label_eval_writes_metrics_and_plot_into_dir(workdir: Path, tiny_mod
     printed = capsys.readouterr().out
     assert "agreement with humans" in printed and "position-bias rate" in printed and str(out / "metrics.json") in printed
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["rows_total"] == 6 and metrics["model"] == str(tiny_model_dir) and metrics["mode"] == "direct"
+    assert metrics["rows_total"] == 6 and metrics["model"] == stable_model_id(tiny_model_dir) and metrics["mode"] == "direct"
     assert set(metrics["metrics"]) >= {"agreement", "ece", "bins", "labels"}
     assert 0.0 <= metrics["metrics"]["agreement"] <= 1.0
     assert (out / "calibration.png").read_bytes()[:4] == b"\x89PNG"

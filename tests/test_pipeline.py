@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from cai.cli import main
+from cai.engines.identity import stable_model_id
 from cai.errors import CaiError
 from cai.pipeline import (
     LAYOUT,
@@ -94,7 +95,7 @@ def test_full_pipeline_writes_every_stage_in_its_documented_schema(full_run: Pat
     run = run_dir_of(full_run)
     sft = read_records(run / LAYOUT["generate"], SFTRecord)
     assert len(sft) == 4
-    assert all(len(r.steps) == 2 and r.provenance.model == str(tiny_model_dir) for r in sft)
+    assert all(len(r.steps) == 2 and r.provenance.model == stable_model_id(tiny_model_dir) for r in sft)
     labels = read_records(run / LAYOUT["label"], LabelRecord)
     assert {r.source_id for r in labels} <= {r.id for r in sft} and labels
     assert all(r.source == "critique" and len(r.principles) == 1 and 0 <= r.label_prob <= 1 for r in labels)

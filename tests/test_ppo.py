@@ -267,6 +267,7 @@ class ModelBackedLLM:
         self.tok = AutoTokenizer.from_pretrained(model)
         self.loaded: list[set[str]] = []
         self.resets = 0
+        self.llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=1024))
 
     def get_tokenizer(self):
         return self.tok
@@ -306,6 +307,7 @@ def test_vllm_rollouts_with_weight_sync_reproduce_the_hf_run(tiny_model_dir, pro
     rollout, give exactly the hf run; without the sync the rollouts come from stale weights and the runs part."""
     created: list[ModelBackedLLM] = []
     module = types.ModuleType("vllm")
+    module.__version__ = "0.33.0"  # the engine refuses versions it does not support
     module.LLM = lambda model, **kw: created.append(ModelBackedLLM(model, **kw)) or created[-1]
     module.SamplingParams = lambda **kw: types.SimpleNamespace(kwargs=kw)
     monkeypatch.setitem(sys.modules, "vllm", module)

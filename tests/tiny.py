@@ -36,13 +36,15 @@ def build_tokenizer(vocab_size: int = 256):
     )
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> Path:
-    """Save a tiny Llama-architecture model and its tokenizer to out_dir and return the path."""
+def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden: int = 32, layers: int = 2,
+                     vocab_size: int = 256) -> Path:
+    """Save a tiny Llama-architecture model and its tokenizer to out_dir and return the path.
+    vocab_size > 256 gives the tokenizer merges (tokens that span the boundary of two texts)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = Path(out_dir)
-    tok = build_tokenizer()
+    tok = build_tokenizer(vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tok),

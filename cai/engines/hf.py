@@ -30,7 +30,17 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from cai.conversation import HH_STOP, to_hh
-from cai.engines.base import FinishReason, Generation, SamplingConfig
+from cai.engines.base import FinishReason, Generation, RowFlag, SamplingConfig, Scores
+from cai.engines.identity import stable_model_id
+from cai.engines.lengths import (
+    OVERLONG_RULES,
+    Overlong,
+    context_window,
+    encode_within,
+    fit_prompt,
+    plan_scoring,
+    prompt_budget,
+)
 from cai.errors import CaiError
 
 log = logging.getLogger(__name__)
@@ -322,18 +332,47 @@ class HFEngine:
         model_id: str | None = None,
         prefix_cache: bool = True,
         prefix_min_tokens: int = PREFIX_MIN_TOKENS,
+        overlong: Overlong = "truncate",
     ):
-        """`max_length` caps prompt tokens: longer prompts keep their first (BOS) and last tokens.
-        `model_id` overrides what provenance records (default: `model` as given).
+        """`max_length` caps prompt tokens below the model's context (it bounds prefill memory).
+        `overlong`: what to do with a prompt that does not fit (cai.engines.lengths): "truncate"
+        (keep its first token and its end) or "skip".
+        `model_id` overrides what provenance records (default: cai.engines.identity's rule).
         `prefix_cache`: run a prompt prefix shared by all prompts of a call (at least
         `prefix_min_tokens` long) once and reuse its KV cache for every row."""
+        self._check(batch_size, prefix_min_tokens, overlong)
+        self.device = resolve_device(device)
+        tokenizer, lm = load_pretrained(model, resolve_dtype(dtype, self.device))
+        self._setup(tokenizer, lm, model_id or stable_model_id(model), batch_size, max_length, prefix_cache,
+                    prefix_min_tokens, overlong)
+
+    @classmethod
+    def from_loaded(cls, tokenizer: Any, model: Any, model_id: str, batch_size: int = 16,
+                    max_length: int | None = None, prefix_cache: bool = True,
+                    prefix_min_tokens: int = PREFIX_MIN_TOKENS, overlong: Overlong = "truncate") -> HFEngine:
+        """An engine around a tokenizer and model already in memory, on the model's device (for
+        benchmarks that build random-weight models from configs, with nothing on disk)."""
+        cls._check(batch_size, prefix_min_tokens, overlong)
+        engine = cls.__new__(cls)
+        engine.device = model.device
+        engine._setup(tokenizer, model, model_id, batch_size, max_length, prefix_cache, prefix_min_tokens, overlong)
+        return engine
+
+    @staticmethod
+    def _check(batch_size: int, prefix_min_tokens: int, overlong: str) -> None:
+        """Bad options fail before a model is loaded."""
         if batch_size < 1:
             raise CaiError(f"batch_size must be >= 1, got {batch_size}")
         if prefix_min_tokens < 1:
             raise CaiError(f"prefix_min_tokens must be >= 1, got {prefix_min_tokens}")
-        self.model_id = model_id or str(model)
-        self.device = resolve_device(device)
-        self.tokenizer, self.model = load_pretrained(model, resolve_dtype(dtype, self.device))
+        if overlong not in OVERLONG_RULES:
+            raise CaiError(f"engine option overlong={overlong!r}: use one of {', '.join(OVERLONG_RULES)}")
+
+    def _setup(self, tokenizer: Any, model: Any, model_id: str, batch_size: int, max_length: int | None,
+               prefix_cache: bool, prefix_min_tokens: int, overlong: Overlong) -> None:
+        self.overlong: Overlong = overlong
+        self.model_id = model_id
+        self.tokenizer, self.model = tokenizer, model
         self.model.to(self.device).eval()  # eval: dropout off
         ensure_pad_token(self.tokenizer, self.model)
         self.tokenizer.padding_side = "left"
@@ -343,6 +382,12 @@ class HFEngine:
         self.prefix_cache = prefix_cache
         self.prefix_min_tokens = prefix_min_tokens
         self.chat = has_chat_template(self.tokenizer)
+        self.window = context_window(self.model.config)
+        self.dtype = str(self.model.dtype).removeprefix("torch.")
+
+    def details(self) -> dict[str, Any]:
+        """Output-changing settings: dtype (bf16 vs fp32 numerics) and the prompt-fitting rule."""
+        return {"dtype": self.dtype, "max_length": self.max_length, "overlong": self.overlong, "window": self.window}
 
     # ---- formats -------------------------------------------------------------------------------
 
@@ -356,14 +401,14 @@ class HFEngine:
     def encode(self, text: str) -> list[int]:
         return encode_prompt(self.tokenizer, text, self.max_length)
 
-    def _encode_all(self, prompts: list[str]) -> list[list[int]]:
-        ids = [self.encode(p) for p in prompts]
-        for i, row in enumerate(ids):
-            if not row:
-                raise CaiError(
-                    f"prompt {i} is empty after tokenization; the model needs at least one token to continue"
-                )
-        return ids
+    def _fit_all(self, prompts: list[str], reserve: int) -> list[tuple[list[int], list[int] | None, RowFlag | None]]:
+        """(token ids, ids to run or None to skip, flag) per prompt, `reserve` tokens left free."""
+        budget = prompt_budget(self.window, self.max_length, reserve)
+        out = []
+        for p in prompts:
+            _, ids = encode_within(lambda t: encode_prompt(self.tokenizer, t), p, budget)
+            out.append((ids, *fit_prompt(ids, budget, self.overlong)))
+        return out
 
     # ---- prefill -------------------------------------------------------------------------------
 
@@ -428,12 +473,18 @@ class HFEngine:
             seeds = [sampling.seed + i for i in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        rows = [_Row(i, ids, s) for i, (ids, s) in enumerate(zip(self._encode_all(prompts), seeds))]
+        fitted = self._fit_all(prompts, sampling.max_new_tokens)
+        rows = [_Row(i, run, s) for i, ((_, run, _), s) in enumerate(zip(fitted, seeds)) if run is not None]
         order = sorted(rows, key=lambda r: -len(r.prompt_ids))
         prefix = self._shared_prefix([r.prompt_ids for r in rows])
         for start in range(0, len(order), self.batch_size):
             self._decode(order[start:start + self.batch_size], sampling, prefix)
-        return [self._result(r, sampling) for r in rows]
+        done = {r.index: self._result(r, sampling) for r in rows}
+        return [
+            done[i].model_copy(update={"flag": flag}) if i in done
+            else Generation(text="", prompt_tokens=len(ids), completion_tokens=0, finish_reason="skipped", flag=flag)
+            for i, (ids, _, flag) in enumerate(fitted)
+        ]
 
     def _decode(self, rows: list[_Row], sampling: SamplingConfig, prefix: _Prefix | None) -> None:
         logits, cache, mask = self._prefill([r.prompt_ids for r in rows], prefix)
@@ -489,10 +540,32 @@ class HFEngine:
     def choice_logprobs(self, prompts: list[str], choices: list[list[str]]) -> list[list[float]]:
         if len(prompts) != len(choices):
             raise ValueError(f"{len(choices)} choice lists for {len(prompts)} prompts")
-        prompt_ids = self._encode_all(prompts)
-        choice_ids = [[self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in cs] for cs in choices]
-        out: list[list[float]] = [[0.0] * len(cs) for cs in choices]
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
+        plan = plan_scoring(lambda t: encode_prompt(self.tokenizer, t), prompts, choices, self.window,
+                            self.max_length, self.overlong)
+        # one row per distinct context (usually one per prompt), holding the continuations to score
+        contexts: dict[tuple[int, ...], int] = {}
+        prompt_ids: list[list[int]] = []
+        choice_ids: list[list[list[int]]] = []
+        targets: list[list[tuple[int, int]]] = []
+        for i, j, context, continuation in plan.jobs:
+            k = contexts.setdefault(tuple(context), len(prompt_ids))
+            if k == len(prompt_ids):
+                prompt_ids.append(context)
+                choice_ids.append([])
+                targets.append([])
+            choice_ids[k].append(continuation)
+            targets[k].append((i, j))
+        scores = self._score_rows(prompt_ids, choice_ids)
+        out = [Scores([0.0] * len(cs), plan.flags[i]) for i, cs in enumerate(choices)]
+        for row_targets, row_scores in zip(targets, scores):
+            for (i, j), value in zip(row_targets, row_scores):
+                out[i][j] = value
+        return out
+
+    def _score_rows(self, prompt_ids: list[list[int]], choice_ids: list[list[list[int]]]) -> list[list[float]]:
+        """Log-prob of each continuation choice_ids[i][j] after prompt_ids[i] (all already fitted)."""
+        out: list[list[float]] = [[0.0] * len(cs) for cs in choice_ids]
+        order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
         longest = max((len(c) for cs in choice_ids for c in cs), default=0)
         most = max((len(cs) for cs in choice_ids), default=1)
         vocab = self.model.get_output_embeddings().weight.shape[0]

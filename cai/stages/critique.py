@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from cai import __version__
 from cai.constitution import Constitution, Principle, load_constitution
 from cai.conversation import Message, as_dicts
-from cai.engines.base import Engine, Generation, SamplingConfig
+from cai.engines.base import Engine, Generation, SamplingConfig, engine_details, engine_fingerprint
 from cai.errors import CaiError
 from cai.hashing import record_id, sha256_of
 from cai.locking import check_free
@@ -139,6 +139,7 @@ class _RowState:
         self.response = ""
         self.steps: list[CritiqueStep] = []
         self.critiques: list[str] = []
+        self.prompt_flags: set[str] = set()  # RowFlags of any of the row's generations
 
 
 class CritiqueStage:
@@ -160,7 +161,7 @@ class CritiqueStage:
         self.critique_sampling = self.response_sampling.model_copy(
             update={"max_new_tokens": config.critique_max_new_tokens or config.max_new_tokens}
         )
-        self.fingerprint = config.fingerprint(constitution, few_shot, engine.model_id)
+        self.fingerprint = {**config.fingerprint(constitution, few_shot, engine.model_id), **engine_fingerprint(engine)}
         self.config_hash = sha256_of(self.fingerprint)[:16]
         self.tokens = 0
         self.copy_check = CopyCheck(few_shot_texts(few_shot))
@@ -172,9 +173,13 @@ class CritiqueStage:
         rid = record_id(as_dicts(conversation), self.config_hash)
         return _RowState(index, conversation, rid, seed, principles)
 
-    def _generate(self, prompts: list[str], sampling: SamplingConfig, seeds: list[int]) -> list[Generation]:
+    def _generate(self, rows: list[_RowState], prompts: list[str], sampling: SamplingConfig, seeds: list[int]
+                  ) -> list[Generation]:
         gens = self.engine.generate(prompts, sampling, seeds=seeds)
         self.tokens += sum(g.completion_tokens for g in gens)
+        for r, g in zip(rows, gens):
+            if g.flag:
+                r.prompt_flags.add(g.flag)
         return gens
 
     def run_batch(self, rows: list[_RowState]) -> list[SFTRecord]:
@@ -182,14 +187,14 @@ class CritiqueStage:
         render = self.engine.render_chat
         fs = self.few_shot
         prompts = [render(response_messages(fs, as_dicts(r.conversation))) for r in rows]
-        for r, g in zip(rows, self._generate(prompts, self.response_sampling, [_sub_seed(r.seed, "initial") for r in rows])):
+        for r, g in zip(rows, self._generate(rows, prompts, self.response_sampling, [_sub_seed(r.seed, "initial") for r in rows])):
             r.initial, r.response = g, g.text.strip()
         for k in range(self.config.rounds):
             prompts = [
                 render(critique_messages(fs, as_dicts(r.conversation), r.response, r.principles[k]), CRITIQUE_PREFIX)
                 for r in rows
             ]
-            critiques = self._generate(prompts, self.critique_sampling, [_sub_seed(r.seed, "critique", k) for r in rows])
+            critiques = self._generate(rows, prompts, self.critique_sampling, [_sub_seed(r.seed, "critique", k) for r in rows])
             prompts = [
                 render(
                     revision_messages(fs, as_dicts(r.conversation), r.response, r.principles[k], c.text.strip()),
@@ -197,7 +202,7 @@ class CritiqueStage:
                 )
                 for r, c in zip(rows, critiques)
             ]
-            revisions = self._generate(prompts, self.response_sampling, [_sub_seed(r.seed, "revision", k) for r in rows])
+            revisions = self._generate(rows, prompts, self.response_sampling, [_sub_seed(r.seed, "revision", k) for r in rows])
             for r, c, v in zip(rows, critiques, revisions):
                 own = [m.content for m in r.conversation] + [r.initial.text if r.initial else "", r.response]
                 r.steps.append(
@@ -222,6 +227,8 @@ class CritiqueStage:
             revision_unchanged=_norm(r.response) == _norm(r.initial.text),
             critique_found_nothing=all(critique_found_nothing(s.critique) for s in r.steps),
             copied_few_shot=any(s.copied_few_shot for s in r.steps),
+            prompt_too_long="prompt_too_long" in r.prompt_flags,
+            empty_prompt="empty_prompt" in r.prompt_flags,
         )
         return SFTRecord(
             id=r.id,
@@ -239,6 +246,7 @@ class CritiqueStage:
                 principle_ids=[p.id for p in r.principles],
                 model=self.engine.model_id,
                 engine=self.engine.name,
+                engine_details=engine_details(self.engine),
                 seed=self.config.seed,
                 sampling=self.config.sampling_params(),
                 cai_version=__version__,

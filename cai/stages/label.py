@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,8 @@ from tqdm.auto import tqdm
 from cai import __version__
 from cai.constitution import Constitution, Principle, load_constitution
 from cai.conversation import Message, as_dicts
-from cai.engines.base import Engine, SamplingConfig
+from cai.engines import split_gpu_share
+from cai.engines.base import Engine, SamplingConfig, engine_details, engine_fingerprint, row_flag
 from cai.errors import CaiError
 from cai.hashing import record_id, sha256_of
 from cai.locking import check_free
@@ -185,6 +187,7 @@ class PrincipleLabel(BaseModel):
     p: float
     reasoning_ab: str | None = None
     reasoning_ba: str | None = None
+    prompt_flags: list[str] = Field(default_factory=list, description="RowFlags of its prompts (cut or not run)")
 
     @property
     def position_consistent(self) -> bool:
@@ -210,6 +213,7 @@ class LabelRecord(BaseModel):
     position_consistent: bool = Field(description="the ensembled verdict is the same in both orders")
     mode: Mode
     human_choice: Literal["A", "B"] | None = Field(None, description="label eval only: the human's pick")
+    flags: list[str] = Field(default_factory=list, description="RowFlags of any of its prompts")
     provenance: Provenance
 
     def preference(self, source: str) -> PreferenceRow:
@@ -263,15 +267,19 @@ class Labeler:
         jobs = [(i, p) for i, pair in enumerate(pairs) for p in self.principles_for(pair)]
         prompts = [self._prompt(pairs[i], p, swapped) for i, p in jobs for swapped in (False, True)]
         reasoning: list[str | None] = [None] * len(prompts)
+        flags: list[set[str]] = [set() for _ in prompts]
         if self.settings.cot:
             seeds = [row_seed(self.settings.seed, "cot", pairs[i].key(), p.id, swapped)
                      for i, p in jobs for swapped in (False, True)]
             gens = self.engine.generate(prompts, self.cot_sampling, seeds=seeds)
             self.calls += 1
             reasoning = [g.text.strip() for g in gens]
+            flags = [{g.flag} if g.flag else set() for g in gens]
             prompts = [prompt + g.text + self._cue() for prompt, g in zip(prompts, gens)]
         logprobs = self.engine.choice_logprobs(prompts, [self.choices] * len(prompts))
         self.calls += 1
+        for f, scores in zip(flags, logprobs):
+            f.update(filter(None, [row_flag(scores)]))
         out: list[list[PrincipleLabel]] = [[] for _ in pairs]
         for j, (i, principle) in enumerate(jobs):
             first_ab, first_ba = first_choice_prob(logprobs[2 * j]), first_choice_prob(logprobs[2 * j + 1])
@@ -279,7 +287,8 @@ class Labeler:
                 first_ab, first_ba = clamp(first_ab, self.settings.clamp), clamp(first_ba, self.settings.clamp)
             p_ab, p_ba, p = combine_orders(first_ab, first_ba)
             out[i].append(PrincipleLabel(principle_id=principle.id, p_ab=p_ab, p_ba=p_ba, p=p,
-                                         reasoning_ab=reasoning[2 * j], reasoning_ba=reasoning[2 * j + 1]))
+                                         reasoning_ab=reasoning[2 * j], reasoning_ba=reasoning[2 * j + 1],
+                                         prompt_flags=sorted(flags[2 * j] | flags[2 * j + 1])))
         return out
 
     def _cue(self) -> str:
@@ -298,11 +307,11 @@ class Labeler:
             prompt=pair.prompt, response_a=pair.response_a, response_b=pair.response_b, label_prob=p,
             chosen=a if p >= 0.5 else b, rejected=b if p >= 0.5 else a, principles=labels,
             position_consistent=verdict(mean_ab) == verdict(mean_ba), mode=self.settings.mode,
-            human_choice=human_choice,
+            human_choice=human_choice, flags=sorted({f for x in labels for f in x.prompt_flags}),
             provenance=Provenance(
                 constitution_name=self.constitution.name, constitution_sha256=self.constitution.sha256,
                 principle_ids=[x.principle_id for x in labels], model=self.engine.model_id,
-                engine=self.engine.name, seed=self.settings.seed,
+                engine=self.engine.name, engine_details=engine_details(self.engine), seed=self.settings.seed,
                 sampling={**self.settings.labeler_params(), **(sampling_extra or {})}, cai_version=__version__,
             ),
         )
@@ -358,6 +367,7 @@ class LabelSummary(BaseModel):
     wall_seconds: float
     seconds_per_pair: float | None  # wall time / rows written this run
     metrics: LabelMetrics
+    flags: dict[str, int] = Field(default_factory=dict, description="rows per RowFlag (prompts cut or not run)")
 
     def render(self) -> str:
         m = self.metrics
@@ -371,6 +381,7 @@ class LabelSummary(BaseModel):
             f"mean confidence |2p-1| {m.mean_confidence:.3f}; mean entropy {m.mean_entropy_bits:.3f} bits; "
             f"principle agreement {agree}; mean label_prob {m.label_prob_mean:.3f}\n"
             f"wall {self.wall_seconds:.1f}s ({per_pair} per pair)"
+            + (f"\nflags: {', '.join(f'{k}={v}' for k, v in sorted(self.flags.items()))}" if self.flags else "")
         )
 
 
@@ -438,8 +449,13 @@ def run_label(config: LabelConfig, engine: Engine | None = None, policy_engine: 
         assert path is not None
         pairs = (read_label_pairs if config.source == "pairs" else read_critique_pairs)(path, limit=config.limit)
     check_free(config.out)  # fail in a second, not after loading a model
-    labeler = load_labeler(config, engine)
-    fingerprint = config.fingerprint(labeler.constitution, labeler.templates, labeler.engine.model_id)
+    # a policy model of its own means two engines alive at once: on vLLM each takes its share of the
+    # GPU at start, so they split the configured share (else the second one cannot start)
+    both = config.source == "policy" and config.policy_model is not None and engine is None and policy_engine is None
+    options = split_gpu_share(config.engine, config.engine_options, 2 if both else 1)
+    labeler = load_labeler(config.model_copy(update={"engine_options": options}), engine)
+    fingerprint = {**config.fingerprint(labeler.constitution, labeler.templates, labeler.engine.model_id),
+                   **engine_fingerprint(labeler.engine)}
     config_hash = sha256_of(fingerprint)[:16]
     if config.source == "policy":
         rows = _policy_rows(config, conversations, config_hash)
@@ -457,7 +473,7 @@ def run_label(config: LabelConfig, engine: Engine | None = None, policy_engine: 
             if policy_engine is None and config.policy_model is not None:
                 from cai.engines import load_engine
 
-                policy_engine = load_engine(config.engine, config.policy_model, **config.engine_options)
+                policy_engine = load_engine(config.engine, config.policy_model, **options)
             written, identical = _label_policy(
                 config, labeler, policy_engine or labeler.engine, store, rows, progress
             )
@@ -472,6 +488,7 @@ def run_label(config: LabelConfig, engine: Engine | None = None, policy_engine: 
         out=str(config.out), rows_total=len(records), rows_written=written, rows_skipped=skipped,
         identical_skipped=identical, wall_seconds=round(wall, 3),
         seconds_per_pair=round(wall / written, 3) if written else None, metrics=metrics_of(records),
+        flags=dict(Counter(f for r in records for f in r.flags)),
     )
     Path(f"{config.out}.metrics.json").write_text(summary.model_dump_json(indent=2))
     return summary

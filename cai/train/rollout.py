@@ -43,7 +43,7 @@ class Rollout:
     @property
     def ended(self) -> torch.Tensor:
         """True for rows that finished on their own (EOS or stop sequence) within the budget."""
-        return torch.tensor([r != "length" for r in self.finish_reasons])
+        return torch.tensor([r in ("eos", "stop") for r in self.finish_reasons])  # not length/abort/error/repetition
 
 
 class RolloutSampler(Protocol):
