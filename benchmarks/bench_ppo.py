@@ -152,9 +152,9 @@ def prepare(a: argparse.Namespace) -> dict:
     """The shared reward model (a trained one, or the policy with a fresh head) and prompt file."""
     from cai.conversation import as_dicts
     from cai.stages.inputs import load_prompts
+    from cai.tokens import render_chat
     from cai.train.common import seed_everything
     from cai.train.reward import load_reward_model
-    from cai.train.sft import render_prompt
 
     out = Path(a.out)
     seed_everything(a.seed)
@@ -164,7 +164,7 @@ def prepare(a: argparse.Namespace) -> dict:
     convs = load_prompts(a.prompt_file)
     # one file both read: `prompt` for our loader, the same conversation rendered as `text` for TRL's
     (out / "prompts.jsonl").write_text("".join(
-        json.dumps({"prompt": as_dicts(c), "text": render_prompt(tok, as_dicts(c))}) + "\n" for c in convs))
+        json.dumps({"prompt": as_dicts(c), "text": render_chat(tok, as_dicts(c))}) + "\n" for c in convs))
     return {"prompts_in_file": len(convs), "reward_model": a.reward_model or "policy + fresh head (untrained)"}
 
 

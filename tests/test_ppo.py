@@ -18,16 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cai.cli import main
 from cai.errors import CaiError, InputError
 from cai.train.common import load_train_config
-from cai.train.ppo import (
-    PPOConfig,
-    PromptSchedule,
-    apportion,
-    build_sampler,
-    forward,
-    load_prompt_sources,
-    run_ppo,
-)
+from cai.train.ppo import PPOConfig, run_ppo
 from cai.train.ppo_core import response_mask
+from cai.train.ppo_models import build_sampler, forward
+from cai.train.ppo_prompts import PromptSchedule, apportion, load_prompt_sources
 from cai.train.rollout import PolicySampler, VLLMSampler
 
 QUESTIONS = ["how do I bake bread?", "which is less harmful?", "can you help me?", "what is the answer?"]

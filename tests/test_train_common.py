@@ -14,7 +14,6 @@ from cai.errors import CaiError, InputError
 from cai.train.common import (
     BatchStream,
     Checkpointer,
-    Loop,
     MetricsLogger,
     NonFiniteError,
     TrainConfig,
@@ -32,6 +31,7 @@ from cai.train.common import (
     seed_everything,
     total_steps,
 )
+from cai.train.loop import Session
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
@@ -257,23 +257,17 @@ def _run_loop(tmp_path, cfg, stop_after=None, resume=False):
     net = _Net()
     data = torch.randint(0, 5, (12, 2))
     target = torch.randn(12, 2)
-    opt = acc.prepare(build_optimizer(net, cfg))
     stream = BatchStream(12, cfg.batch_size, cfg.seed)
     steps = total_steps(cfg, stream.per_epoch)
-    sched = build_scheduler(opt, cfg, steps)
-    ck = Checkpointer(cfg.out_dir, acc)
-    last = resume_point(cfg.out_dir, resume)
-    state = ck.restore(last, net, {"optimizer": opt, "scheduler": sched}) if last else TrainState()
-    log = MetricsLogger(cfg.out_dir, resume_step=state.step if last else None, tensorboard=False)
-    loop = Loop(accelerator=acc, model=net, tokenizer=None, optimizer=opt, scheduler=sched, stream=stream,
-                total_steps=steps, checkpointer=ck, logger=log, state=state)
+    session = Session(cfg, acc, cfg.out_dir, {"model": net}, None, steps)
+    state = session.resume(resume_point(cfg.out_dir, resume), steps)
 
     def loss_fn(model, rows):
         noise = torch.randn(len(rows), 2) * 0.01  # consumes RNG: resume must restore it
         return ((model(data[rows]) - target[rows] - noise) ** 2).mean(), {"rows": len(rows)}
 
-    fit(cfg, loop, loss_fn, evaluate=lambda m: {"probe": float(m.emb.weight.sum())}, stop_after=stop_after)
-    log.close()
+    fit(session, stream, steps, loss_fn, evaluate=lambda m: {"probe": float(m.emb.weight.sum())}, stop_after=stop_after)
+    session.close()
     return net.emb.weight.detach().clone(), state
 
 

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from cai.engines.base import FinishReason, SamplingConfig
-from cai.engines.hf import end_token_ids, left_pad, position_ids, sample_rows
+from cai.engines.hf import sample_rows
+from cai.tokens import end_token_ids, left_pad, position_ids, right_pad
 
 if TYPE_CHECKING:
     from cai.engines.vllm import VLLMEngine
@@ -74,10 +75,7 @@ def build_rollout(query: torch.Tensor, query_mask: torch.Tensor, tokens: list[li
                   reasons: list[FinishReason], tokenizer: Any, stop: tuple[str, ...], pad_id: int) -> Rollout:
     """The left-padded prompts and each row's sampled ids (right-padded after its end) as one Rollout,
     with the response texts PPO scores."""
-    width = max(len(t) for t in tokens)
-    response = torch.full((len(tokens), width), pad_id, dtype=torch.long)
-    for i, t in enumerate(tokens):
-        response[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+    response, _ = right_pad(tokens, pad_id)
     ended_at = torch.tensor([len(t) - 1 for t in tokens])
     texts = [response_text(tokenizer, t, r, stop) for t, r in zip(tokens, reasons)]
     return Rollout(query=query, query_mask=query_mask, response=response, ended_at=ended_at,
