@@ -23,6 +23,7 @@ from cai.train.ppo_core import response_mask
 from cai.train.ppo_models import build_sampler, forward
 from cai.train.ppo_prompts import PromptSchedule, apportion, load_prompt_sources
 from cai.train.rollout import PolicySampler, VLLMSampler
+from cai.train.statefile import load_state
 
 QUESTIONS = ["how do I bake bread?", "which is less harmful?", "can you help me?", "what is the answer?"]
 DIGITS = set("0123456789")
@@ -239,7 +240,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, prompt_files, t
         ca, cb = (load_file(str(d / ckpt / "critic" / "model.safetensors")) for d in (whole, part))
         assert all(torch.equal(ca[k], cb[k]) for k in ca)
     else:
-        ha, hb = (torch.load(d / ckpt / "training_state.pt", weights_only=False)["value_head"] for d in (whole, part))
+        ha, hb = (load_state(d / ckpt / "training_state")["value_head"] for d in (whole, part))
         assert all(torch.equal(ha[k], hb[k]) for k in ha)
     ra, rb = _train_rows(whole), _train_rows(part)
     assert [r["step"] for r in rb] == [1, 2, 3, 4]

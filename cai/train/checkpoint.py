@@ -21,11 +21,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from cai.errors import CaiError
+from cai.train.statefile import load_state, save_state
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
 STATE_JSON = "trainer_state.json"
-STATE_PT = "training_state.pt"
+STATE = "training_state"  # .json + .safetensors (cai.train.statefile: no pickle)
 
 
 class TrainState(BaseModel):
@@ -99,8 +100,9 @@ class Checkpointer:
 
     Layout of one checkpoint: the main model's safetensors + config + tokenizer at the top (so the
     directory loads with `from_pretrained` and `cai score`), other models in sub-directories named
-    by their key, trainer_state.json (TrainState + the run's config), training_state.pt (optimizer,
-    scheduler and other state_dicts) and rng_state_<rank>.pt per process.
+    by their key, trainer_state.json (TrainState + the run's config), training_state.json/.safetensors
+    (optimizer, scheduler and other state_dicts) and rng_state_<rank>.json/.safetensors per process;
+    no pickle anywhere (cai.train.statefile).
     """
 
     def __init__(self, out_dir: str | Path, accelerator: Any, keep: int = 2):
@@ -135,10 +137,10 @@ class Checkpointer:
             save_pretrained(acc, m, tmp / name)
         blobs = {k: v.state_dict() for k, v in (stateful or {}).items()}
         if acc.is_main_process:
-            torch.save(blobs, tmp / STATE_PT)
+            save_state(tmp / STATE, blobs)
             meta = {"state": state.model_dump(), "config": config.model_dump(mode="json") if config else None}
             (tmp / STATE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
-        torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+        save_state(tmp / f"rng_state_{acc.process_index}", _rng_state())
         acc.wait_for_everyone()
         if acc.is_main_process:
             if final.exists():
@@ -162,15 +164,15 @@ class Checkpointer:
         load_weights(self.acc.unwrap_model(model), path)
         for name, m in (extra_models or {}).items():
             load_weights(self.acc.unwrap_model(m), path / name)
-        blobs = torch.load(path / STATE_PT, weights_only=False)
+        blobs = load_state(path / STATE)
         for k, obj in (stateful or {}).items():
             if k not in blobs:
                 raise CaiError(f"checkpoint {path} has no saved state for {k!r}")
             obj.load_state_dict(blobs[k])
-        rng = path / f"rng_state_{self.acc.process_index}.pt"
-        if not rng.exists():
+        rng = path / f"rng_state_{self.acc.process_index}"
+        if not any(rng.with_suffix(s).exists() for s in (".json", ".pt")):
             raise CaiError(f"checkpoint {path} was written by fewer processes than this run has; resume with the same setup")
-        _set_rng_state(torch.load(rng, weights_only=False))
+        _set_rng_state(load_state(rng))
         self.last = path
         return TrainState.model_validate(meta["state"])
 

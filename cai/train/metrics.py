@@ -60,8 +60,12 @@ class MetricsLogger:
 
 def trim_after(path: Path, step: int) -> None:
     """Drop the lines of a step-keyed JSONL log (metrics, PPO samples) written after `step`: a resumed
-    run writes them again, so the file reads as one clean run."""
+    run writes them again, so the file reads as one clean run. A torn last line (the process died
+    mid-write) is dropped first, as the data stores do."""
+    from cai.store import repair_torn_tail
+
     if path.exists():
+        repair_torn_tail(path)
         keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
         path.write_text("".join(ln + "\n" for ln in keep))
 
