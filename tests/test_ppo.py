@@ -313,7 +313,7 @@ def test_vllm_rollouts_with_weight_sync_reproduce_the_hf_run(tiny_model_dir, pro
         run_ppo(_config(tiny_model_dir, prompt_files[0], runs[name], **kw, **extra), reward_fn=digit_reward)
     llm = created[0]
     assert llm.kwargs["gpu_memory_utilization"] == 0.3 and llm.kwargs["enforce_eager"] is True
-    assert llm.kwargs["dtype"] == "float32" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert llm.kwargs["dtype"] == "bfloat16" and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
     policy_names = {n for n, _ in AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()}
     assert llm.loaded == [policy_names] * 3 and llm.resets == 3  # one sync before each step's rollout
     samples = {k: [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()] for k, d in runs.items()}
@@ -339,6 +339,33 @@ def test_vllm_rollouts_refuse_tensor_parallel_and_a_grown_vocabulary(tiny_model_
     with pytest.raises(CaiError, match="no pad token"):
         build_sampler(config.model_copy(update={"vllm_options": {}}), None, None, (), str(tiny_model_dir), world=1,
                       resized_vocab=True)
+
+
+@pytest.mark.parametrize("user_value", [None, "1"])
+def test_vllm_rollout_engine_is_bf16_and_in_process_only_while_it_is_built(
+        tiny_model_dir, prompt_files, tmp_path, monkeypatch, user_value):
+    """The rollout engine runs in bf16 whatever the trainer's dtype (fp32 attention is slow and doubles
+    the KV cache), and VLLM_ENABLE_V1_MULTIPROCESSING is forced to 0 while vLLM starts (the weight sync
+    needs the engine core in this process) and given back to the user's value afterwards."""
+    seen = {}
+
+    class RecordingLLM:
+        def __init__(self, model, **kw):
+            seen.update(kw, env=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"))
+
+        def get_tokenizer(self):
+            return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=RecordingLLM))
+    if user_value is None:
+        monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", user_value)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = _config(tiny_model_dir, prompt_files[0], tmp_path, rollout_engine="vllm", dtype="fp32")
+    build_sampler(config, None, tok, (), str(tiny_model_dir), world=1, resized_vocab=False)
+    assert seen["dtype"] == "bfloat16" and seen["env"] == "0"
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == user_value
 
 
 def test_reward_model_and_critic_from_it_through_the_cli(tiny_model_dir, reward_dir, prompt_files, tmp_path, capsys):

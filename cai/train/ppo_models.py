@@ -4,8 +4,9 @@ rollout sampler, and the log-probs/values of sampled episodes."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +95,27 @@ def build_sampler(config: PPOConfig, policy: Any, tokenizer: Any, stop: tuple[st
                        "token (e.g. train SFT with cai, which saves one) or use rollout_engine hf")
     if world > 1:
         options.setdefault("distributed_executor_backend", "external_launcher")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process: sync by reference
     from cai.engines.vllm import VLLMEngine
 
-    dtype = "bfloat16" if config.dtype == "bf16" else "float32"
-    engine = VLLMEngine(model_path, dtype=options.pop("dtype", dtype), **options)
+    # bf16 whatever the trainer's dtype: fp32 takes vLLM's slow attention path and doubles the KV cache.
+    # The engine core must live in this process for the weight sync, whatever the user exported.
+    with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+        engine = VLLMEngine(model_path, dtype=options.pop("dtype", "bfloat16"), **options)
     return VLLMSampler(engine, tokenizer, stop)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """Set an environment variable for the block, then restore the caller's value (or its absence)."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _sequence(batch: Rollout, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:
