@@ -58,7 +58,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_pretrained(accelerator: Any, model: torch.nn.Module, directory: Path, tokenizer: Any = None) -> None:
     """safetensors weights + config (+ tokenizer) that `from_pretrained` loads; gathers sharded
-    (FSDP) weights first. Every process must call it; only the main one writes."""
+    (FSDP) weights first. A LoRA model writes its adapters and the heads trained in full beside them
+    (peft's adapter_model.safetensors). Every process must call it; only the main one writes."""
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
@@ -66,12 +67,41 @@ def save_pretrained(accelerator: Any, model: torch.nn.Module, directory: Path, t
             tokenizer.save_pretrained(directory)
 
 
+def save_final(accelerator: Any, model: torch.nn.Module, directory: Path, tokenizer: Any = None) -> None:
+    """The trained model as plain transformers loads it: a LoRA model is merged first (in place, so
+    this is the run's last use of it)."""
+    from cai.train.lora import is_lora, merge_for_export
+
+    if is_lora(accelerator.unwrap_model(model)):
+        merged = merge_for_export(accelerator.unwrap_model(model))
+        if accelerator.is_main_process:
+            merged.save_pretrained(directory, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
+        return
+    save_pretrained(accelerator, model, directory, tokenizer)
+
+
+def _load_adapters(model: Any, directory: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    result = set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+    if result.unexpected_keys:
+        raise CaiError(f"checkpoint {directory} does not match the model's adapters: unexpected {result.unexpected_keys[:5]}")
+
+
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
     """Load safetensors weights written by save_pretrained into `model` in place. Keys left out
     because they are tied to another parameter (e.g. lm_head = embeddings) are fine; anything
-    else missing or unexpected is an error."""
+    else missing or unexpected is an error. A LoRA model loads its adapters and full heads."""
     from safetensors.torch import load_file
 
+    from cai.train.lora import is_lora
+
+    if is_lora(model):
+        _load_adapters(model, directory)
+        return
     index = directory / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
     state: dict[str, torch.Tensor] = {}

@@ -16,6 +16,20 @@ from cai.errors import CaiError
 from cai.yamlio import data_with_overrides, load_yaml, parse_override, validation_errors
 
 
+class LoraSettings(BaseModel):
+    """LoRA adapters (peft) instead of full fine-tuning: the base weights stay frozen and only the
+    low-rank adapters (and a reward or value head, in full) train."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling: the update is alpha / r * B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input (0 for RM and PPO)")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt (e.g. [q_proj, v_proj]); all-linear = every linear layer "
+        "but the output head")
+
+
 class TrainConfig(BaseModel):
     """Fields every trainer shares; trainers subclass it and add their own (data, loss, ...)."""
 
@@ -39,6 +53,7 @@ class TrainConfig(BaseModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global grad norm; None = off")
     dtype: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = mixed precision, fp32 master weights")
     gradient_checkpointing: bool = False
+    lora: LoraSettings | None = Field(None, description="train LoRA adapters instead of every weight")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(0, ge=0, description="optimizer steps between evaluations; 0 = only at the end")
     save_every: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 = only at the end")

@@ -51,8 +51,9 @@ from pydantic import BaseModel, Field
 
 from cai.errors import CaiError
 from cai.tokens import encode_prompt, ensure_pad_token, has_chat_template, render_chat
-from cai.train.checkpoint import FINAL, save_pretrained, write_json
+from cai.train.checkpoint import FINAL, save_final, write_json
 from cai.train.loop import Session, open_run
+from cai.train.lora import adapter_off, add_lora
 from cai.train.metrics import METRICS, plot_curves, read_metrics, trim_after
 from cai.train.models import disable_dropout, prepare_model
 from cai.train.ppo_config import PPOConfig, PromptSource
@@ -69,7 +70,14 @@ from cai.train.ppo_core import (
     response_mask,
     value_loss,
 )
-from cai.train.ppo_models import RewardFn, build_sampler, forward, load_critic, reward_model_fn
+from cai.train.ppo_models import (
+    RewardFn,
+    build_sampler,
+    forward,
+    frozen_dtype,
+    load_critic,
+    reward_model_fn,
+)
 from cai.train.ppo_prompts import PromptSchedule, load_prompt_sources
 from cai.train.rollout import Rollout, RolloutSampler
 
@@ -234,8 +242,9 @@ def _check_config(config: PPOConfig, reward_fn: RewardFn | None) -> None:
 
 
 def load_models(config: PPOConfig, device: torch.device) -> tuple[Any, Any, Any, Any, bool]:
-    """(tokenizer, policy, frozen reference, value module, whether the policy's vocabulary grew).
-    The value module is the critic (from the reward model) or a zero-initialised head on the policy."""
+    """(tokenizer, policy, frozen reference or None, value module, whether the policy's vocabulary grew).
+    With LoRA there is no reference copy: the reference is the policy with its adapter off. The value
+    module is the critic (from the reward model) or a zero-initialised head on the policy."""
     from cai.engines.hf import load_pretrained
 
     model_path = config.model_path()
@@ -243,14 +252,18 @@ def load_models(config: PPOConfig, device: torch.device) -> tuple[Any, Any, Any,
     vocab = policy.get_input_embeddings().weight.shape[0]
     ensure_pad_token(tokenizer, policy)
     prepare_model(policy, config)
-    _, ref = load_pretrained(model_path, torch.float32)
-    if len(tokenizer) > ref.get_input_embeddings().weight.shape[0]:
-        ref.resize_token_embeddings(len(tokenizer))
-    disable_dropout(ref)
-    ref.requires_grad_(False)
-    ref.to(device).eval()
+    ref = None
+    if config.lora is not None:
+        policy = add_lora(policy, config.lora)
+    else:
+        _, ref = load_pretrained(model_path, getattr(torch, frozen_dtype(device)))
+        if len(tokenizer) > ref.get_input_embeddings().weight.shape[0]:
+            ref.resize_token_embeddings(len(tokenizer))
+        disable_dropout(ref)
+        ref.requires_grad_(False)
+        ref.to(device).eval()
     if config.critic == "reward_model":
-        value: Any = load_critic(str(config.critic_model or config.reward_model), tokenizer)
+        value: Any = load_critic(str(config.critic_model or config.reward_model), tokenizer, config)
     else:
         value = torch.nn.Linear(policy.config.get_text_config().hidden_size, 1)
         torch.nn.init.zeros_(value.weight)
@@ -339,6 +352,15 @@ class Episodes:
     returns: torch.Tensor
 
 
+def reference_logprobs(run: PPORun, batch: Rollout, rows: torch.Tensor) -> torch.Tensor:
+    """Log-probs of the sampled tokens under the frozen reference: its own copy, or with LoRA the
+    policy with its adapter turned off (exactly the base model)."""
+    if run.ref is not None:
+        return forward(run.ref, batch, rows, run.config.temperature, run.device)[0]
+    with adapter_off(run.policy):
+        return forward(run.policy, batch, rows, run.config.temperature, run.device)[0]
+
+
 def prepare(run: PPORun, batch: Rollout, scores: torch.Tensor) -> Episodes:
     """Log-probs of the sampled tokens under the policy and the reference, values, then the
     KL-penalised per-token rewards (score on the last token), GAE and whitened advantages."""
@@ -350,7 +372,7 @@ def prepare(run: PPORun, batch: Rollout, scores: torch.Tensor) -> Episodes:
             lp, ent, v = forward(run.policy, batch, chunk, config.temperature, run.device, **run.value_kw,
                                  want_entropy=True)
             old_logprobs[chunk], entropy[chunk], values[chunk] = lp.cpu(), ent.cpu(), v.cpu()
-            ref_logprobs[chunk] = forward(run.ref, batch, chunk, config.temperature, run.device)[0].cpu()
+            ref_logprobs[chunk] = reference_logprobs(run, batch, chunk).cpu()
     values = values * mask
     rewards, kl, non_score = kl_penalised_rewards(old_logprobs, ref_logprobs, scores, mask, run.kl_ctl.value)
     if config.whiten_rewards:
@@ -457,7 +479,7 @@ def record(run: PPORun, convs: list[list[dict[str, str]]], batch: Rollout, raw: 
 def finish(run: PPORun, start: float, reward_fn: RewardFn | None) -> PPOSummary:
     """final/ (the policy), curves.png and summary.json; `start`: perf_counter() when the run began."""
     config, out, state = run.config, run.out, run.session.state
-    save_pretrained(run.acc, run.policy, out / FINAL, run.tokenizer)
+    save_final(run.acc, run.policy, out / FINAL, run.tokenizer)
     if config.plot and run.acc.is_main_process:
         plot_curves(out / METRICS, out / "curves.png",
                     [("train", k) for k in ("score", "kl", "entropy", "value_loss", "explained_variance", "response_length")])

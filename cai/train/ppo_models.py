@@ -14,7 +14,8 @@ import torch
 
 from cai.errors import CaiError
 from cai.tokens import position_ids
-from cai.train.models import disable_dropout
+from cai.train.lora import add_lora, base_of
+from cai.train.models import disable_dropout, prepare_model
 from cai.train.ppo_config import PPOConfig
 from cai.train.ppo_core import entropy_from_logits, logprobs_from_logits, response_mask
 from cai.train.rollout import PolicySampler, Rollout, RolloutSampler, VLLMSampler
@@ -33,14 +34,16 @@ class TokenCritic(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 keep: int) -> torch.Tensor:
-        backbone = getattr(self.model, self.model.base_model_prefix)
+        model = base_of(self.model)  # with LoRA, its layers carry the critic's adapters
+        backbone = getattr(model, model.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state
-        return self.model.score(hidden[:, -keep:]).squeeze(-1).float()
+        return model.score(hidden[:, -keep:]).squeeze(-1).float()
 
 
-def load_critic(path: str, tokenizer: Any) -> TokenCritic:
-    """The critic from a reward model (its trained head) or any causal LM (a zero head)."""
+def load_critic(path: str, tokenizer: Any, config: PPOConfig) -> TokenCritic:
+    """The critic from a reward model (its trained head) or any causal LM (a zero head). With
+    config.lora, the critic trains its own adapters on its frozen base and its head in full."""
     from transformers import AutoConfig
 
     from cai.train.reward import load_reward_model
@@ -57,8 +60,9 @@ def load_critic(path: str, tokenizer: Any) -> TokenCritic:
     if not trained:
         with torch.no_grad():
             model.score.weight.zero_()
-    disable_dropout(model)
-    model.config.use_cache = False
+    prepare_model(model, config)
+    if config.lora is not None:
+        model = add_lora(model, config.lora, full=("score",))
     return TokenCritic(model)
 
 
@@ -66,7 +70,8 @@ def reward_model_fn(config: PPOConfig, device: torch.device) -> RewardFn:
     """Scores from the frozen reward model, on the conversation + response rendered as in RM training."""
     from cai.train.reward import RewardScorer
 
-    scorer = RewardScorer(str(config.reward_model), device=str(device), dtype="float32",
+    # frozen: bf16 on a GPU whatever the trainer's dtype (half the memory, and the score only ranks)
+    scorer = RewardScorer(str(config.reward_model), device=str(device), dtype=frozen_dtype(device),
                           batch_size=config.reward_batch_size, max_length=config.reward_max_length,
                           normalize=config.normalize_reward)
     disable_dropout(scorer.model)
@@ -116,6 +121,11 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = before
+
+
+def frozen_dtype(device: torch.device) -> str:
+    """The dtype of models PPO never trains (reference, reward model): bf16 on a GPU, else fp32."""
+    return "bfloat16" if device.type == "cuda" else "float32"
 
 
 def _sequence(batch: Rollout, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:

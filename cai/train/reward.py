@@ -28,10 +28,11 @@ from cai.errors import CaiError, InputError
 from cai.stages.pairs import PreferenceRow
 from cai.store import read_records
 from cai.tokens import encode_completion, encode_prompt, ensure_pad_token, render_chat, right_pad
-from cai.train.checkpoint import FINAL, save_pretrained, write_json
+from cai.train.checkpoint import FINAL, save_final, write_json
 from cai.train.config import TrainConfig
 from cai.train.devices import dist_info
 from cai.train.loop import fit, open_run, start_supervised
+from cai.train.lora import add_lora
 from cai.train.metrics import plot_curves
 from cai.train.models import prepare_model
 
@@ -326,6 +327,8 @@ def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | Non
     model_path = config.model_path()
     tokenizer, model = load_reward_model(model_path)
     prepare_model(model, config)
+    if config.lora is not None:
+        model = add_lora(model, config.lora, full=("score",))  # the head trains in full, saved with the adapters
     train = load_pairs(config.train_file, tokenizer, config.max_length, config.limit_train)
     test = load_pairs(config.test_file, tokenizer, config.max_length, config.limit_test) if config.test_file else []
     unknown = set(config.source_weights) - {p.source for p in train}
@@ -374,7 +377,7 @@ def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | Non
     unwrapped = acc.unwrap_model(model)
     unwrapped.config.cai_reward_mean = mean
     unwrapped.config.cai_reward_std = std if std > 0 else 1.0
-    save_pretrained(acc, model, out / FINAL, tokenizer)
+    save_final(acc, model, out / FINAL, tokenizer)
     if config.plot and acc.is_main_process:
         plot_curves(out / "metrics.jsonl", out / "curves.png",
                     [("train", "loss"), ("train", "accuracy"), ("eval", "loss"), ("eval", "accuracy")])

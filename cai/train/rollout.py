@@ -190,4 +190,6 @@ class VLLMSampler:
         return build_rollout(query, query_mask, tokens, reasons, self.tokenizer, self.stop, self.pad_id)
 
     def sync(self, policy: torch.nn.Module) -> None:
-        self.engine.load_weights((name, p.detach()) for name, p in policy.named_parameters())
+        from cai.train.lora import merged_weights
+
+        self.engine.load_weights(merged_weights(policy))  # a LoRA policy: merged, under the base model's names

@@ -25,11 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from cai.conversation import Message
 from cai.errors import CaiError, InputError
 from cai.tokens import encode_completion, encode_prompt, ensure_pad_token, render_chat, right_pad
-from cai.train.checkpoint import FINAL, save_pretrained, write_json
+from cai.train.checkpoint import FINAL, save_final, write_json
 from cai.train.config import TrainConfig
 from cai.train.data import epoch_order
 from cai.train.devices import dist_info
 from cai.train.loop import fit, open_run, start_supervised
+from cai.train.lora import add_lora
 from cai.train.metrics import plot_curves
 from cai.train.models import prepare_model
 
@@ -307,6 +308,8 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
     tokenizer, model = load_pretrained(model_path, torch.float32)
     ensure_pad_token(tokenizer, model)
     prepare_model(model, config)
+    if config.lora is not None:
+        model = add_lora(model, config.lora)
     tokenized = [tokenize_example(tokenizer, e, config.max_length) for e in train_ex]
     train_tok = [t for t in tokenized if t is not None]
     test_tok = [t for t in (tokenize_example(tokenizer, e, config.max_length) for e in test_ex) if t is not None]
@@ -345,7 +348,7 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
     after = None
     if test_rows:  # fit evaluated the last step, unless this run resumed from the final checkpoint
         after = evals[state.step] if state.step in evals else evaluate(model)["loss"]
-    save_pretrained(acc, model, out / FINAL, tokenizer)
+    save_final(acc, model, out / FINAL, tokenizer)
     if config.plot and acc.is_main_process:
         plot_curves(out / "metrics.jsonl", out / "curves.png", [("train", "loss"), ("eval", "loss")])
     summary = SFTSummary(
