@@ -262,11 +262,13 @@ class ModelBackedLLM:
         self.tok = AutoTokenizer.from_pretrained(model)
         self.loaded: list[set[str]] = []
         self.resets = 0
+        self.calls: list[str] = []
 
     def get_tokenizer(self):
         return self.tok
 
     def generate(self, prompts, params, use_tqdm=True):
+        self.calls.append("generate")
         first = params[0].kwargs
         batch = PolicySampler(self.hf, self.tok, tuple(first["stop"] or ())).sample(
             [p["prompt_token_ids"] for p in prompts], first["temperature"], first["max_tokens"],
@@ -290,7 +292,14 @@ class ModelBackedLLM:
             for name, tensor in weights:
                 params[name].copy_(tensor)
         self.loaded.append({name for name, _ in weights})
+        self.calls.append("load")
         return self.loaded[-1]
+
+    def sleep(self, level=1):
+        self.calls.append(f"sleep{level}")
+
+    def wake_up(self, tags=None):
+        self.calls.append("wake")
 
     def reset_prefix_cache(self):
         self.resets += 1
@@ -316,6 +325,9 @@ def test_vllm_rollouts_with_weight_sync_reproduce_the_hf_run(tiny_model_dir, pro
     assert llm.kwargs["dtype"] == "bfloat16" and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
     policy_names = {n for n, _ in AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()}
     assert llm.loaded == [policy_names] * 3 and llm.resets == 3  # one sync before each step's rollout
+    # sleep mode: the KV cache is freed (level 1) during each update and the engine woken before the next sync
+    assert llm.kwargs["enable_sleep_mode"] is True
+    assert llm.calls == ["load", "generate", "sleep1"] + ["wake", "load", "generate", "sleep1"] * 2
     samples = {k: [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()] for k, d in runs.items()}
     assert samples["vllm"] == samples["hf"] and len(samples["hf"]) == 48
     assert any(s["finish"] == "eos" for s in samples["hf"])  # the EOS vLLM left out was put back
@@ -415,3 +427,18 @@ def test_bad_config_is_one_paragraph_with_file_and_line(tmp_path, prompt_files, 
     cfg.write_text(f"out_dir: {tmp_path / 'none'}\nprompts:\n  - file: {prompt_files[0]}\ncritic: policy_head\n")
     assert main(["train", "ppo", str(cfg)]) == 1
     assert "reward_model is not set" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, prompt_files, tmp_path):
+    """gradient_checkpointing recomputes the policy's and the critic's activations in the backward
+    pass instead of keeping them; the updates are the same."""
+    kw = {"max_steps": 2, "plot": False, "sample_every": 0, "prompts_per_step": 4, "critic": "reward_model",
+          "critic_model": str(tiny_model_dir)}
+    runs = {}
+    for flag in (False, True):
+        runs[flag] = tmp_path / str(flag)
+        run_ppo(_config(tiny_model_dir, prompt_files[0], runs[flag], gradient_checkpointing=flag, **kw),
+                reward_fn=digit_reward)
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in runs.values())
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], load_file(str(tiny_model_dir / "model.safetensors"))[k]) for k in a)

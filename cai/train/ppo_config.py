@@ -43,6 +43,9 @@ class PPOConfig(TrainConfig):
     vllm_options: dict[str, Any] = Field(
         default_factory=dict, description="vllm.LLM options for rollout_engine vllm (defaults: gpu_memory_utilization "
         "0.3, enable_prefix_caching true, dtype bfloat16 whatever the trainer's dtype; tensor_parallel_size must stay 1)")
+    vllm_sleep: bool = Field(
+        True, description="rollout_engine vllm: sleep the engine (level 1: KV cache freed, weights offloaded to "
+        "CPU) during each update, and wake it before the next weight sync")
     max_new_tokens: int = Field(64, ge=1)
     temperature: float = Field(0.7, gt=0, description="sampling temperature; log-probs use logits / temperature")
     unfinished_penalty: float = Field(1.0, ge=0, description="subtracted from the score of responses that never end")

@@ -90,7 +90,8 @@ def build_sampler(config: PPOConfig, policy: Any, tokenizer: Any, stop: tuple[st
     weight sync before each rollout is an in-memory copy."""
     if config.rollout_engine == "hf":
         return PolicySampler(policy, tokenizer, stop)
-    options = {"gpu_memory_utilization": 0.3, "enable_prefix_caching": True, **config.vllm_options}
+    options = {"gpu_memory_utilization": 0.3, "enable_prefix_caching": True, "enable_sleep_mode": config.vllm_sleep,
+               **config.vllm_options}
     if options.get("tensor_parallel_size", 1) != 1:
         raise CaiError("rollout_engine vllm: tensor_parallel_size must be 1 (each process samples with its own engine "
                        "on its own GPU); scale out with more `accelerate launch` processes")
@@ -106,7 +107,7 @@ def build_sampler(config: PPOConfig, policy: Any, tokenizer: Any, stop: tuple[st
     # The engine core must live in this process for the weight sync, whatever the user exported.
     with _env("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
         engine = VLLMEngine(model_path, dtype=options.pop("dtype", "bfloat16"), **options)
-    return VLLMSampler(engine, tokenizer, stop)
+    return VLLMSampler(engine, tokenizer, stop, sleep=bool(options.get("enable_sleep_mode")))
 
 
 @contextlib.contextmanager
