@@ -136,7 +136,7 @@ def test_reference_is_the_policy_with_its_adapter_off_exactly(tiny_model_dir):
 
 def test_ppo_with_lora_policy_and_critic_resumes_exactly_with_no_reference_copy(
         tiny_model_dir, tmp_path, monkeypatch):
-    import cai.engines.hf as hf
+    from cai.engines import hf
 
     loads = []
     real = hf.load_pretrained
@@ -147,7 +147,7 @@ def test_ppo_with_lora_policy_and_critic_resumes_exactly_with_no_reference_copy(
           "max_new_tokens": 6, "lr": 1e-2, "ppo_epochs": 1, "batch_size": 2, "grad_accum": 2, "max_steps": 3,
           "critic": "reward_model", "critic_model": str(tiny_model_dir), "save_every": 1, "sample_every": 0,
           "plot": False, "lora": LORA}
-    digits = lambda convs, texts: [float(sum(c.isdigit() or c == " " for c in t)) for t in texts]  # noqa: E731
+    digits = lambda convs, texts: [float(sum(c.isdigit() or c == " " for c in t)) for t in texts]
     whole, part = tmp_path / "whole", tmp_path / "part"
     run_ppo(PPOConfig(out_dir=str(whole), **kw), reward_fn=digits)
     assert loads == [str(tiny_model_dir)]  # the policy only: the reference is its adapter turned off
