@@ -248,7 +248,8 @@ def load_models(config: PPOConfig, device: torch.device) -> tuple[Any, Any, Any,
     from cai.engines.hf import load_pretrained
 
     model_path = config.model_path()
-    tokenizer, policy = load_pretrained(model_path, torch.float32)
+    # with LoRA the policy's base is frozen: bf16 on a GPU (the adapters stay fp32)
+    tokenizer, policy = load_pretrained(model_path, getattr(torch, frozen_dtype(device)) if config.lora else torch.float32)
     vocab = policy.get_input_embeddings().weight.shape[0]
     ensure_pad_token(tokenizer, policy)
     prepare_model(policy, config)
@@ -263,7 +264,7 @@ def load_models(config: PPOConfig, device: torch.device) -> tuple[Any, Any, Any,
         ref.requires_grad_(False)
         ref.to(device).eval()
     if config.critic == "reward_model":
-        value: Any = load_critic(str(config.critic_model or config.reward_model), tokenizer, config)
+        value: Any = load_critic(str(config.critic_model or config.reward_model), tokenizer, config, device)
     else:
         value = torch.nn.Linear(policy.config.get_text_config().hidden_size, 1)
         torch.nn.init.zeros_(value.weight)

@@ -38,12 +38,13 @@ class TokenCritic(torch.nn.Module):
         backbone = getattr(model, model.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state
-        return model.score(hidden[:, -keep:]).squeeze(-1).float()
+        return model.score(hidden[:, -keep:].float()).squeeze(-1).float()  # the head is fp32 over a bf16 base
 
 
-def load_critic(path: str, tokenizer: Any, config: PPOConfig) -> TokenCritic:
+def load_critic(path: str, tokenizer: Any, config: PPOConfig, device: torch.device) -> TokenCritic:
     """The critic from a reward model (its trained head) or any causal LM (a zero head). With
-    config.lora, the critic trains its own adapters on its frozen base and its head in full."""
+    config.lora, the critic trains its own adapters on its frozen base (bf16 on a GPU) and its head
+    in full (fp32)."""
     from transformers import AutoConfig
 
     from cai.train.reward import load_reward_model
@@ -51,7 +52,7 @@ def load_critic(path: str, tokenizer: Any, config: PPOConfig) -> TokenCritic:
     local_only = not Path(path).is_dir()
     trained = any(a.endswith("ForSequenceClassification")
                   for a in AutoConfig.from_pretrained(path, local_files_only=local_only).architectures or [])
-    critic_tok, model = load_reward_model(path)
+    critic_tok, model = load_reward_model(path, getattr(torch, frozen_dtype(device)) if config.lora else torch.float32)
     if critic_tok.get_vocab() != tokenizer.get_vocab():
         raise CaiError(
             f"critic: reward_model needs a critic with the policy's tokenizer, and {path} has another one; "
@@ -62,6 +63,7 @@ def load_critic(path: str, tokenizer: Any, config: PPOConfig) -> TokenCritic:
             model.score.weight.zero_()
     prepare_model(model, config)
     if config.lora is not None:
+        model.score.float()
         model = add_lora(model, config.lora, full=("score",))
     return TokenCritic(model)
 
@@ -154,7 +156,7 @@ def forward(policy: Any, batch: Rollout, rows: torch.Tensor, temperature: float,
     entropy = entropy_from_logits(logits.detach()) if want_entropy else None
     values = None
     if head is not None:
-        values = head(out.hidden_states[-1][:, -keep:-1]).squeeze(-1).float()
+        values = head(out.hidden_states[-1][:, -keep:-1].float()).squeeze(-1).float()
     elif critic is not None:
         values = critic(ids, attention, positions, keep)[:, :-1]
     return logprobs, entropy, values
