@@ -168,8 +168,7 @@ def test_ppo_with_lora_policy_and_critic_resumes_exactly_with_no_reference_copy(
 def test_ppo_lora_on_a_bf16_frozen_base_with_an_fp32_trainer(tiny_model_dir, tmp_path, monkeypatch, critic):
     """What a GPU run does (frozen bases in bf16, adapters and heads in fp32, trainer dtype fp32),
     forced on CPU: the dtypes meet without errors and the adapters and heads learn."""
-    import cai.train.ppo as ppo
-    import cai.train.ppo_models as ppo_models
+    from cai.train import ppo, ppo_models
 
     for module in (ppo, ppo_models):
         monkeypatch.setattr(module, "frozen_dtype", lambda device: "bfloat16")
