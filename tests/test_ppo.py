@@ -442,3 +442,41 @@ def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, promp
     a, b = (load_file(str(d / "final" / "model.safetensors")) for d in runs.values())
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(not torch.equal(a[k], load_file(str(tiny_model_dir / "model.safetensors"))[k]) for k in a)
+
+
+def test_a_reward_model_with_another_tokenizer_and_chat_format_scores_in_its_own(
+        tiny_model_dir, prompt_files, tmp_path):
+    """The policy writes HH transcripts with a 256-token vocabulary; the reward model has a 300-token
+    vocabulary and a chat template. PPO hands it the decoded conversation, which it renders and
+    tokenizes its own way: the logged scores are exactly what it gives that conversation on its own."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cai.train.reward import RewardScorer, load_reward_model
+    from tiny import build_tokenizer
+
+    tok = build_tokenizer(vocab_size=300)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    torch.manual_seed(5)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    rm_tok, rm = load_reward_model(str(tmp_path / "lm"))
+    rm.save_pretrained(tmp_path / "rm")
+    rm_tok.save_pretrained(tmp_path / "rm")
+    policy_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert rm_tok.get_vocab() != policy_tok.get_vocab() and not policy_tok.chat_template
+
+    out = tmp_path / "run"
+    run_ppo(_config(tiny_model_dir, prompt_files[0], out, reward_model=str(tmp_path / "rm"), max_steps=1,
+                    prompts_per_step=4, sample_every=1, samples_per_log=8, plot=False, normalize_reward=False))
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    scorer = RewardScorer(tmp_path / "rm", device="cpu", dtype="float32")
+    expected = scorer.score_messages([s["prompt"] + [{"role": "assistant", "content": s["response"]}] for s in samples])
+    assert [s["score"] for s in samples] == pytest.approx(expected, abs=1e-5)
+    assert len(set(expected)) > 1
+    with pytest.raises(CaiError, match="critic with the policy's tokenizer"):
+        run_ppo(_config(tiny_model_dir, prompt_files[0], tmp_path / "again", reward_model=str(tmp_path / "rm"),
+                        critic="reward_model", max_steps=1))
