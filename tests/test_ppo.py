@@ -449,10 +449,10 @@ def test_a_reward_model_with_another_tokenizer_and_chat_format_scores_in_its_own
     """The policy writes HH transcripts with a 256-token vocabulary; the reward model has a 300-token
     vocabulary and a chat template. PPO hands it the decoded conversation, which it renders and
     tokenizes its own way: the logged scores are exactly what it gives that conversation on its own."""
+    from tiny import build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from cai.train.reward import RewardScorer, load_reward_model
-    from tiny import build_tokenizer
 
     tok = build_tokenizer(vocab_size=300)
     tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"

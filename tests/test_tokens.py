@@ -6,7 +6,14 @@ import torch
 from transformers import AutoTokenizer
 
 from cai.conversation import to_hh
-from cai.tokens import encode_completion, encode_prompt, left_pad, position_ids, render_chat, right_pad
+from cai.tokens import (
+    encode_completion,
+    encode_prompt,
+    left_pad,
+    position_ids,
+    render_chat,
+    right_pad,
+)
 
 MESSAGES = [{"role": "user", "content": "how do I bake bread?"}]
 
