@@ -164,10 +164,10 @@ def test_ppo_with_lora_policy_and_critic_resumes_exactly_with_no_reference_copy(
     AutoModelForCausalLM.from_pretrained(whole / "final")
 
 
-@pytest.mark.parametrize("critic", ["reward_model", "policy_head"])
-def test_ppo_lora_on_a_bf16_frozen_base_with_an_fp32_trainer(tiny_model_dir, tmp_path, monkeypatch, critic):
-    """What a GPU run does (frozen bases in bf16, adapters and heads in fp32, trainer dtype fp32),
-    forced on CPU: the dtypes meet without errors and the adapters and heads learn."""
+@pytest.mark.parametrize(("critic", "lora"), [("reward_model", LORA), ("policy_head", LORA), ("reward_model", None)])
+def test_ppo_on_bf16_frozen_models_with_an_fp32_trainer(tiny_model_dir, tmp_path, monkeypatch, critic, lora):
+    """What a GPU run does (frozen models and bases in bf16, trained weights and heads in fp32, trainer
+    dtype fp32), forced on CPU: the dtypes meet without errors and the trained parts learn."""
     from cai.train import ppo, ppo_models
 
     for module in (ppo, ppo_models):
@@ -178,10 +178,14 @@ def test_ppo_lora_on_a_bf16_frozen_base_with_an_fp32_trainer(tiny_model_dir, tmp
     run_ppo(PPOConfig(model=str(tiny_model_dir), out_dir=str(out), prompts=[{"file": str(prompts)}], device="cpu",
                       prompts_per_step=4, max_new_tokens=6, lr=1e-2, ppo_epochs=1, batch_size=2, grad_accum=2,
                       max_steps=2, critic=critic, critic_model=str(tiny_model_dir), sample_every=0, plot=False,
-                      dtype="fp32", lora=LORA),
+                      dtype="fp32", lora=lora),
             reward_fn=lambda convs, texts: [float(len(t)) for t in texts])
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["kl"] == 0.0 and all(r["grad_norm"] > 0 for r in rows)
+    assert all(r["grad_norm"] > 0 for r in rows)
+    if lora is None:  # an fp32 policy against its bf16 reference copy: the KL starts near 0, not at 0
+        assert abs(rows[0]["kl"]) < 0.05
+        return
+    assert rows[0]["kl"] == 0.0
     adapters = load_file(str(out / "checkpoints" / "step-00000002" / "adapter_model.safetensors"))
     assert all(t.dtype == torch.float32 for t in adapters.values())
     final = load_file(str(out / "final" / "model.safetensors"))
