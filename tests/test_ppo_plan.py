@@ -4,6 +4,9 @@ hand here, and the command on a tiny model."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 from cai.cli import main
 from cai.train.memory_plan import GIB, ModelShape, model_shape, plan_ppo
@@ -85,3 +88,16 @@ def test_plan_of_a_missing_model_is_one_paragraph(tmp_path, capsys):
     assert main(["train", "ppo", str(cfg), "--plan"]) == 1
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
+
+
+def test_gpu_ppo_benchmark_runs_on_a_tiny_shape(tmp_path, repo_root):
+    """benchmarks/gpu_ppo.py (the 8B LoRA / 1B full measurements for a GPU) on a tiny shape on CPU, so it
+    cannot rot before a GPU is at hand."""
+    proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "gpu_ppo.py"), "--shape", "tiny",
+                           "--device", "cpu", "--steps", "2", "--prompts", "2", "--max-new-tokens", "4", "--micro", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT "))
+    assert {"params", "plan_total_gib", "step_s", "gen_tokens_per_s", "episodes"} <= set(results)
+    assert int(results["episodes"]) == 8
