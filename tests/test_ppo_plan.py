@@ -95,7 +95,7 @@ def test_gpu_ppo_benchmark_runs_on_a_tiny_shape(tmp_path, repo_root):
     cannot rot before a GPU is at hand."""
     proc = subprocess.run([sys.executable, str(repo_root / "benchmarks" / "gpu_ppo.py"), "--shape", "tiny",
                            "--device", "cpu", "--steps", "2", "--prompts", "2", "--max-new-tokens", "4", "--micro", "2",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                           "--out", str(tmp_path)], check=False, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(repo_root)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT "))
