@@ -480,3 +480,28 @@ def test_a_reward_model_with_another_tokenizer_and_chat_format_scores_in_its_own
     with pytest.raises(CaiError, match="critic with the policy's tokenizer"):
         run_ppo(_config(tiny_model_dir, prompt_files[0], tmp_path / "again", reward_model=str(tmp_path / "rm"),
                         critic="reward_model", max_steps=1))
+
+
+def test_vllm_rollouts_of_a_lora_policy_receive_merged_weights_under_the_base_names(
+        tiny_model_dir, prompt_files, tmp_path, monkeypatch):
+    created: list[ModelBackedLLM] = []
+    module = types.ModuleType("vllm")
+    module.LLM = lambda model, **kw: created.append(ModelBackedLLM(model, **kw)) or created[-1]
+    module.SamplingParams = lambda **kw: types.SimpleNamespace(kwargs=kw)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    out = tmp_path / "lora-vllm"
+    run_ppo(_config(tiny_model_dir, prompt_files[0], out, max_steps=2, plot=False, sample_every=0, prompts_per_step=4,
+                    rollout_engine="vllm", lora={"r": 4, "alpha": 8.0}, save_every=1, keep_checkpoints=3),
+            reward_fn=digit_reward)
+    llm = created[0]
+    policy_names = {n for n, _ in AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()}
+    assert llm.loaded == [policy_names] * 2  # plain names: no base_model.model., no lora_A/B, no base_layer
+    from peft import PeftModel
+
+    # the second rollout sampled from the policy after step 1: base + that step's adapters, merged
+    after_one = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                          out / "checkpoints" / "step-00000001").merge_and_unload()
+    served = dict(llm.hf.named_parameters())
+    assert all(torch.allclose(p, served[n], atol=1e-6) for n, p in after_one.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not all(torch.equal(p, served[n]) for n, p in base.named_parameters())
