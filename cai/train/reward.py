@@ -31,7 +31,7 @@ from cai.tokens import encode_completion, encode_prompt, ensure_pad_token, rende
 from cai.train.checkpoint import FINAL, save_final, write_json
 from cai.train.config import TrainConfig
 from cai.train.devices import dist_info
-from cai.train.loop import fit, open_run, start_supervised
+from cai.train.loop import LossFn, fit, open_run, start_supervised
 from cai.train.lora import add_lora
 from cai.train.metrics import plot_curves
 from cai.train.models import prepare_model
@@ -318,6 +318,36 @@ class RewardSummary(BaseModel):
         return "\n".join(lines)
 
 
+def pair_loss_fn(config: RewardConfig, train: list[PairTokens], pad_id: int, device: torch.device) -> LossFn:
+    """The training loss of a micro-batch of pairs (bt_loss with the sources' weights) and its metrics."""
+    weights = {s: config.source_weights.get(s, 1.0) for s in {p.source for p in train}}
+
+    def loss_fn(m: torch.nn.Module, rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = [train[i] for i in rows]
+        rc, rr = pair_rewards(m, batch, pad_id, device)
+        p = torch.tensor([b.label_prob for b in batch], device=rc.device)
+        w = torch.tensor([weights[b.source] for b in batch], device=rc.device)
+        loss, _ = bt_loss(rc, rr, p, config.margin, config.center_coef, w)
+        d = (rc - rr).detach().float()
+        return loss, {"accuracy": _nanmean(pair_correct(d, p).cpu()), "margin": float(d.mean()),
+                      "chosen": float(rc.detach().float().mean()), "rejected": float(rr.detach().float().mean())}
+
+    return loss_fn
+
+
+def store_reward_stats(config: RewardConfig, acc: Any, model: torch.nn.Module, result: EvalResult | None,
+                       train: list[PairTokens], pad_id: int) -> tuple[float, float]:
+    """Reward mean and std (from the test evaluation `result`, else up to 256 training pairs), stored
+    in the model config (`cai_reward_mean`, `cai_reward_std`) so PPO can normalise scores."""
+    if result is None:
+        result = evaluate_pairs(model, train[: min(len(train), 256)], pad_id, acc, config.eval_batch_size, config.margin)
+    mean, std = result.reward_mean, result.reward_std
+    unwrapped = acc.unwrap_model(model)
+    unwrapped.config.cai_reward_mean = mean
+    unwrapped.config.cai_reward_std = std if std > 0 else 1.0
+    return mean, std
+
+
 def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | None = None,
                progress: bool = True) -> RewardSummary:
     """Train (or resume) a reward model; writes metrics.jsonl, tb/, curves.png, checkpoints/, final/
@@ -339,18 +369,7 @@ def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | Non
     session, stream, steps = start_supervised(config, acc, model, tokenizer, out, last, len(train), lengths)
     model = session.model
     pad_id = tokenizer.pad_token_id
-    weights = {s: config.source_weights.get(s, 1.0) for s in {p.source for p in train}}
-
-    def loss_fn(m: torch.nn.Module, rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = [train[i] for i in rows]
-        rc, rr = pair_rewards(m, batch, pad_id, acc.device)
-        p = torch.tensor([b.label_prob for b in batch], device=rc.device)
-        w = torch.tensor([weights[b.source] for b in batch], device=rc.device)
-        loss, _ = bt_loss(rc, rr, p, config.margin, config.center_coef, w)
-        d = (rc - rr).detach().float()
-        return loss, {"accuracy": _nanmean(pair_correct(d, p).cpu()), "margin": float(d.mean()),
-                      "chosen": float(rc.detach().float().mean()), "rejected": float(rr.detach().float().mean())}
-
+    loss_fn = pair_loss_fn(config, train, pad_id, acc.device)
     evals: list[EvalResult] = []
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
@@ -368,15 +387,7 @@ def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | Non
     result = None
     if test:  # fit evaluated at the last step, unless this run resumed from the final checkpoint
         result = evals[-1] if evals else evaluate_pairs(model, test, pad_id, acc, config.eval_batch_size, config.margin)
-    if result is not None:
-        mean, std = result.reward_mean, result.reward_std
-    else:
-        sample = train[: min(len(train), 256)]
-        stats = evaluate_pairs(model, sample, pad_id, acc, config.eval_batch_size, config.margin)
-        mean, std = stats.reward_mean, stats.reward_std
-    unwrapped = acc.unwrap_model(model)
-    unwrapped.config.cai_reward_mean = mean
-    unwrapped.config.cai_reward_std = std if std > 0 else 1.0
+    mean, std = store_reward_stats(config, acc, model, result, train, pad_id)
     save_final(acc, model, out / FINAL, tokenizer)
     if config.plot and acc.is_main_process:
         plot_curves(out / "metrics.jsonl", out / "curves.png",
