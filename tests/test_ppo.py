@@ -258,11 +258,11 @@ class ModelBackedLLM:
 
     def __init__(self, model: str, **kwargs):
         self.kwargs = kwargs
+        self.calls: list[str] = []  # generate / load / sleep / wake, in order
         self.hf = AutoModelForCausalLM.from_pretrained(model).eval()
         self.tok = AutoTokenizer.from_pretrained(model)
         self.loaded: list[set[str]] = []
         self.resets = 0
-        self.calls: list[str] = []
 
     def get_tokenizer(self):
         return self.tok
@@ -362,13 +362,15 @@ def test_vllm_rollout_engine_is_bf16_and_in_process_only_while_it_is_built(
     seen = {}
 
     class RecordingLLM:
+        llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=1024))
+
         def __init__(self, model, **kw):
             seen.update(kw, env=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"))
 
         def get_tokenizer(self):
             return AutoTokenizer.from_pretrained(tiny_model_dir)
 
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=RecordingLLM))
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=RecordingLLM, __version__="0.33.0"))
     if user_value is None:
         monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
     else:
@@ -486,6 +488,7 @@ def test_vllm_rollouts_of_a_lora_policy_receive_merged_weights_under_the_base_na
         tiny_model_dir, prompt_files, tmp_path, monkeypatch):
     created: list[ModelBackedLLM] = []
     module = types.ModuleType("vllm")
+    module.__version__ = "0.33.0"  # the version the vllm engine supports
     module.LLM = lambda model, **kw: created.append(ModelBackedLLM(model, **kw)) or created[-1]
     module.SamplingParams = lambda **kw: types.SimpleNamespace(kwargs=kw)
     monkeypatch.setitem(sys.modules, "vllm", module)

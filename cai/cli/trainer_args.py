@@ -22,7 +22,7 @@ def run_trainer(args: argparse.Namespace, config_class: type[BaseModel], train: 
     """Load and validate the config, train (`train(config, resume=..., progress=...)`), print the summary."""
     from accelerate import PartialState
 
-    from cai.train.config import load_train_config, parse_sets
+    from cai.train.common import load_train_config, parse_sets
 
     config = load_train_config(args.config, config_class, parse_sets(args.sets))
     summary = train(config, resume=args.resume, progress=not args.quiet)
