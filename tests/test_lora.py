@@ -190,3 +190,12 @@ def test_ppo_on_bf16_frozen_models_with_an_fp32_trainer(tiny_model_dir, tmp_path
     assert all(t.dtype == torch.float32 for t in adapters.values())
     final = load_file(str(out / "final" / "model.safetensors"))
     assert final["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+
+
+def test_lora_under_fsdp_is_refused_plainly(tmp_path, monkeypatch):
+    from cai.train import loop
+
+    monkeypatch.setattr(loop, "make_accelerator",
+                        lambda config: types.SimpleNamespace(distributed_type=types.SimpleNamespace(value="FSDP")))
+    with pytest.raises(CaiError, match="not under FSDP"):
+        loop.open_run(SFTConfig(out_dir=str(tmp_path), train_file="t.jsonl", lora=LORA), resume=False)

@@ -37,6 +37,9 @@ def open_run(config: TrainConfig, resume: bool) -> tuple[Path, Path | None, Any]
     out = Path(config.out_dir)
     last = resume_point(out, resume)
     acc = make_accelerator(config)
+    if config.lora is not None and acc.distributed_type.value == "FSDP":
+        raise CaiError("lora: LoRA runs on one device or data-parallel (DDP) processes, not under FSDP (the adapters "
+                       "are small, so each process holds the whole frozen base); launch with examples/accelerate/ddp.yaml")
     seed_everything(config.seed)
     return out, last, acc
 
