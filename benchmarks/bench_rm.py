@@ -49,17 +49,17 @@ def worker_ours(a: argparse.Namespace) -> dict:
         max_grad_norm=1.0, dtype=a.dtype, log_every=1, seed=a.seed, group_by_length=a.group, plot=False,
         device="auto",
     )
-    from cai.train import common
+    from cai.train import loop
 
     marks: list[tuple[float, float]] = []
-    real_check = common.check_finite
+    real_check = loop.check_finite
 
     def clocked_check(value, what, *args):  # called once per step on the gradient norm, before the update
         if what == "gradient norm":
             marks.append((time.perf_counter(), time.process_time()))
         return real_check(value, what, *args)
 
-    common.check_finite = clocked_check
+    loop.check_finite = clocked_check
     run_reward(cfg)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
     return _result(a, marks, rows[0]["loss"], rows[-1]["loss"])

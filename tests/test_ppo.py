@@ -18,17 +18,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from cai.cli import main
 from cai.errors import CaiError, InputError
 from cai.train.common import load_train_config
-from cai.train.ppo import (
-    PPOConfig,
-    PromptSchedule,
-    apportion,
-    build_sampler,
-    forward,
-    load_prompt_sources,
-    run_ppo,
-)
+from cai.train.ppo import PPOConfig, run_ppo
 from cai.train.ppo_core import response_mask
+from cai.train.ppo_models import build_sampler, forward
+from cai.train.ppo_prompts import PromptSchedule, apportion, load_prompt_sources
 from cai.train.rollout import PolicySampler, VLLMSampler
+from cai.train.statefile import load_state
 
 QUESTIONS = ["how do I bake bread?", "which is less harmful?", "can you help me?", "what is the answer?"]
 DIGITS = set("0123456789")
@@ -245,7 +240,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, prompt_files, t
         ca, cb = (load_file(str(d / ckpt / "critic" / "model.safetensors")) for d in (whole, part))
         assert all(torch.equal(ca[k], cb[k]) for k in ca)
     else:
-        ha, hb = (torch.load(d / ckpt / "training_state.pt", weights_only=False)["value_head"] for d in (whole, part))
+        ha, hb = (load_state(d / ckpt / "training_state")["value_head"] for d in (whole, part))
         assert all(torch.equal(ha[k], hb[k]) for k in ha)
     ra, rb = _train_rows(whole), _train_rows(part)
     assert [r["step"] for r in rb] == [1, 2, 3, 4]
@@ -263,6 +258,7 @@ class ModelBackedLLM:
 
     def __init__(self, model: str, **kwargs):
         self.kwargs = kwargs
+        self.calls: list[str] = []  # generate / load / sleep / wake, in order
         self.hf = AutoModelForCausalLM.from_pretrained(model).eval()
         self.tok = AutoTokenizer.from_pretrained(model)
         self.loaded: list[set[str]] = []
@@ -273,6 +269,7 @@ class ModelBackedLLM:
         return self.tok
 
     def generate(self, prompts, params, use_tqdm=True):
+        self.calls.append("generate")
         first = params[0].kwargs
         batch = PolicySampler(self.hf, self.tok, tuple(first["stop"] or ())).sample(
             [p["prompt_token_ids"] for p in prompts], first["temperature"], first["max_tokens"],
@@ -296,7 +293,14 @@ class ModelBackedLLM:
             for name, tensor in weights:
                 params[name].copy_(tensor)
         self.loaded.append({name for name, _ in weights})
+        self.calls.append("load")
         return self.loaded[-1]
+
+    def sleep(self, level=1):
+        self.calls.append(f"sleep{level}")
+
+    def wake_up(self, tags=None):
+        self.calls.append("wake")
 
     def reset_prefix_cache(self):
         self.resets += 1
@@ -320,9 +324,12 @@ def test_vllm_rollouts_with_weight_sync_reproduce_the_hf_run(tiny_model_dir, pro
         run_ppo(_config(tiny_model_dir, prompt_files[0], runs[name], **kw, **extra), reward_fn=digit_reward)
     llm = created[0]
     assert llm.kwargs["gpu_memory_utilization"] == 0.3 and llm.kwargs["enforce_eager"] is True
-    assert llm.kwargs["dtype"] == "float32" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert llm.kwargs["dtype"] == "bfloat16" and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
     policy_names = {n for n, _ in AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()}
     assert llm.loaded == [policy_names] * 3 and llm.resets == 3  # one sync before each step's rollout
+    # sleep mode: the KV cache is freed (level 1) during each update and the engine woken before the next sync
+    assert llm.kwargs["enable_sleep_mode"] is True
+    assert llm.calls == ["load", "generate", "sleep1"] + ["wake", "load", "generate", "sleep1"] * 2
     samples = {k: [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines()] for k, d in runs.items()}
     assert samples["vllm"] == samples["hf"] and len(samples["hf"]) == 48
     assert any(s["finish"] == "eos" for s in samples["hf"])  # the EOS vLLM left out was put back
@@ -346,6 +353,35 @@ def test_vllm_rollouts_refuse_tensor_parallel_and_a_grown_vocabulary(tiny_model_
     with pytest.raises(CaiError, match="no pad token"):
         build_sampler(config.model_copy(update={"vllm_options": {}}), None, None, (), str(tiny_model_dir), world=1,
                       resized_vocab=True)
+
+
+@pytest.mark.parametrize("user_value", [None, "1"])
+def test_vllm_rollout_engine_is_bf16_and_in_process_only_while_it_is_built(
+        tiny_model_dir, prompt_files, tmp_path, monkeypatch, user_value):
+    """The rollout engine runs in bf16 whatever the trainer's dtype (fp32 attention is slow and doubles
+    the KV cache), and VLLM_ENABLE_V1_MULTIPROCESSING is forced to 0 while vLLM starts (the weight sync
+    needs the engine core in this process) and given back to the user's value afterwards."""
+    seen = {}
+
+    class RecordingLLM:
+        llm_engine = types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=1024))
+
+        def __init__(self, model, **kw):
+            seen.update(kw, env=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"))
+
+        def get_tokenizer(self):
+            return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=RecordingLLM, __version__="0.33.0"))
+    if user_value is None:
+        monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", user_value)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = _config(tiny_model_dir, prompt_files[0], tmp_path, rollout_engine="vllm", dtype="fp32")
+    build_sampler(config, None, tok, (), str(tiny_model_dir), world=1, resized_vocab=False)
+    assert seen["dtype"] == "bfloat16" and seen["env"] == "0"
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == user_value
 
 
 def test_reward_model_and_critic_from_it_through_the_cli(tiny_model_dir, reward_dir, prompt_files, tmp_path, capsys):
@@ -395,3 +431,82 @@ def test_bad_config_is_one_paragraph_with_file_and_line(tmp_path, prompt_files, 
     cfg.write_text(f"out_dir: {tmp_path / 'none'}\nprompts:\n  - file: {prompt_files[0]}\ncritic: policy_head\n")
     assert main(["train", "ppo", str(cfg)]) == 1
     assert "reward_model is not set" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_model_dir, prompt_files, tmp_path):
+    """gradient_checkpointing recomputes the policy's and the critic's activations in the backward
+    pass instead of keeping them; the updates are the same."""
+    kw = {"max_steps": 2, "plot": False, "sample_every": 0, "prompts_per_step": 4, "critic": "reward_model",
+          "critic_model": str(tiny_model_dir)}
+    runs = {}
+    for flag in (False, True):
+        runs[flag] = tmp_path / str(flag)
+        run_ppo(_config(tiny_model_dir, prompt_files[0], runs[flag], gradient_checkpointing=flag, **kw),
+                reward_fn=digit_reward)
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in runs.values())
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], load_file(str(tiny_model_dir / "model.safetensors"))[k]) for k in a)
+
+
+def test_a_reward_model_with_another_tokenizer_and_chat_format_scores_in_its_own(
+        tiny_model_dir, prompt_files, tmp_path):
+    """The policy writes HH transcripts with a 256-token vocabulary; the reward model has a 300-token
+    vocabulary and a chat template. PPO hands it the decoded conversation, which it renders and
+    tokenizes its own way: the logged scores are exactly what it gives that conversation on its own."""
+    from tiny import build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cai.train.reward import RewardScorer, load_reward_model
+
+    tok = build_tokenizer(vocab_size=300)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}<eos>{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    torch.manual_seed(5)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    rm_tok, rm = load_reward_model(str(tmp_path / "lm"))
+    rm.save_pretrained(tmp_path / "rm")
+    rm_tok.save_pretrained(tmp_path / "rm")
+    policy_tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert rm_tok.get_vocab() != policy_tok.get_vocab() and not policy_tok.chat_template
+
+    out = tmp_path / "run"
+    run_ppo(_config(tiny_model_dir, prompt_files[0], out, reward_model=str(tmp_path / "rm"), max_steps=1,
+                    prompts_per_step=4, sample_every=1, samples_per_log=8, plot=False, normalize_reward=False))
+    samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    scorer = RewardScorer(tmp_path / "rm", device="cpu", dtype="float32")
+    expected = scorer.score_messages([s["prompt"] + [{"role": "assistant", "content": s["response"]}] for s in samples])
+    assert [s["score"] for s in samples] == pytest.approx(expected, abs=1e-5)
+    assert len(set(expected)) > 1
+    with pytest.raises(CaiError, match="critic with the policy's tokenizer"):
+        run_ppo(_config(tiny_model_dir, prompt_files[0], tmp_path / "again", reward_model=str(tmp_path / "rm"),
+                        critic="reward_model", max_steps=1))
+
+
+def test_vllm_rollouts_of_a_lora_policy_receive_merged_weights_under_the_base_names(
+        tiny_model_dir, prompt_files, tmp_path, monkeypatch):
+    created: list[ModelBackedLLM] = []
+    module = types.ModuleType("vllm")
+    module.__version__ = "0.33.0"  # the version the vllm engine supports
+    module.LLM = lambda model, **kw: created.append(ModelBackedLLM(model, **kw)) or created[-1]
+    module.SamplingParams = lambda **kw: types.SimpleNamespace(kwargs=kw)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    out = tmp_path / "lora-vllm"
+    run_ppo(_config(tiny_model_dir, prompt_files[0], out, max_steps=2, plot=False, sample_every=0, prompts_per_step=4,
+                    rollout_engine="vllm", lora={"r": 4, "alpha": 8.0}, save_every=1, keep_checkpoints=3),
+            reward_fn=digit_reward)
+    llm = created[0]
+    policy_names = {n for n, _ in AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters()}
+    assert llm.loaded == [policy_names] * 2  # plain names: no base_model.model., no lora_A/B, no base_layer
+    from peft import PeftModel
+
+    # the second rollout sampled from the policy after step 1: base + that step's adapters, merged
+    after_one = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                          out / "checkpoints" / "step-00000001").merge_and_unload()
+    served = dict(llm.hf.named_parameters())
+    assert all(torch.allclose(p, served[n], atol=1e-6) for n, p in after_one.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not all(torch.equal(p, served[n]) for n, p in base.named_parameters())

@@ -14,7 +14,6 @@ from cai.errors import CaiError, InputError
 from cai.train.common import (
     BatchStream,
     Checkpointer,
-    Loop,
     MetricsLogger,
     NonFiniteError,
     TrainConfig,
@@ -32,6 +31,7 @@ from cai.train.common import (
     seed_everything,
     total_steps,
 )
+from cai.train.loop import Session
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
@@ -165,6 +165,21 @@ def test_metrics_jsonl_resume_drops_later_rows_and_plots(tmp_path):
     assert plot_curves(tmp_path / "metrics.jsonl", tmp_path / "none.png", [("eval", "nothing")]) is None
 
 
+def test_a_torn_last_metrics_line_is_repaired_on_resume(tmp_path):
+    """Power loss mid-write leaves half a JSON line; resuming drops it like the data stores do."""
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2):
+        log.log(step, "train", {"loss": 1.0 / step})
+    log.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "split": "tra')
+    resumed = MetricsLogger(tmp_path, resume_step=2, tensorboard=False)
+    resumed.log(3, "train", {"loss": 0.25})
+    resumed.close()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.25)]
+
+
 def test_tensorboard_events_written(tmp_path):
     log = MetricsLogger(tmp_path)
     log.log(1, "train", {"loss": 0.5})
@@ -240,6 +255,48 @@ def test_checkpoint_atomic_prune_and_restore_rng(tmp_path):
     assert torch.equal(after[0], again[0]) and after[1:] == again[1:]
 
 
+class _Planted:
+    """Unpickling this object runs open(marker, "w"): what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _saved_checkpoint(tmp_path):
+    acc = make_accelerator(_cfg(tmp_path))
+    net = _Net()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    net(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    ck = Checkpointer(tmp_path, acc)
+    return ck, ck.save(TrainState(step=1, micro_step=1), net, stateful={"optimizer": opt}), net, opt
+
+
+def test_checkpoints_hold_no_pickle(tmp_path):
+    """Training state is safetensors + JSON: nothing in a checkpoint is unpickled on resume."""
+    _, path, _, _ = _saved_checkpoint(tmp_path)
+    assert not list(path.glob("*.pt")) and not list(path.glob("*.bin"))
+    assert (path / "training_state.safetensors").is_file() and (path / "rng_state_0.safetensors").is_file()
+    json.loads((path / "training_state.json").read_text())
+
+
+@pytest.mark.parametrize("planted", ["training_state.pt", "rng_state_0.pt"])
+def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_run(tmp_path, planted):
+    ck, path, net, opt = _saved_checkpoint(tmp_path)
+    marker = tmp_path / "pwned"
+    stem = planted.removesuffix(".pt")
+    for old in path.glob(f"{stem}.*"):
+        old.unlink()  # an old-style (or crafted) checkpoint: the pickle file in place of the safe pair
+    torch.save({"optimizer": _Planted(marker)} if stem == "training_state" else _Planted(marker), path / planted)
+    with pytest.raises(CaiError, match="pickle") as err:
+        ck.restore(path, net, {"optimizer": opt})
+    assert not marker.exists()
+    assert str(path) in str(err.value)
+
+
 def test_resume_point_guards(tmp_path):
     assert resume_point(tmp_path, resume=False) is None
     with pytest.raises(CaiError, match="no checkpoint"):
@@ -257,23 +314,17 @@ def _run_loop(tmp_path, cfg, stop_after=None, resume=False):
     net = _Net()
     data = torch.randint(0, 5, (12, 2))
     target = torch.randn(12, 2)
-    opt = acc.prepare(build_optimizer(net, cfg))
     stream = BatchStream(12, cfg.batch_size, cfg.seed)
     steps = total_steps(cfg, stream.per_epoch)
-    sched = build_scheduler(opt, cfg, steps)
-    ck = Checkpointer(cfg.out_dir, acc)
-    last = resume_point(cfg.out_dir, resume)
-    state = ck.restore(last, net, {"optimizer": opt, "scheduler": sched}) if last else TrainState()
-    log = MetricsLogger(cfg.out_dir, resume_step=state.step if last else None, tensorboard=False)
-    loop = Loop(accelerator=acc, model=net, tokenizer=None, optimizer=opt, scheduler=sched, stream=stream,
-                total_steps=steps, checkpointer=ck, logger=log, state=state)
+    session = Session(cfg, acc, cfg.out_dir, {"model": net}, None, steps)
+    state = session.resume(resume_point(cfg.out_dir, resume), steps)
 
     def loss_fn(model, rows):
         noise = torch.randn(len(rows), 2) * 0.01  # consumes RNG: resume must restore it
         return ((model(data[rows]) - target[rows] - noise) ** 2).mean(), {"rows": len(rows)}
 
-    fit(cfg, loop, loss_fn, evaluate=lambda m: {"probe": float(m.emb.weight.sum())}, stop_after=stop_after)
-    log.close()
+    fit(session, stream, steps, loss_fn, evaluate=lambda m: {"probe": float(m.emb.weight.sum())}, stop_after=stop_after)
+    session.close()
     return net.emb.weight.detach().clone(), state
 
 
@@ -282,6 +333,8 @@ def test_fit_resume_matches_uninterrupted_run(tmp_path):
     whole, state = _run_loop(tmp_path, _cfg(tmp_path / "a", **kw))
     assert state.step == 6 and state.micro_step == 12  # 3 micro-batches per epoch * 4 epochs / 2
     _run_loop(tmp_path, _cfg(tmp_path / "b", **kw), stop_after=3)
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "spl')  # the interrupted run died mid-line
     resumed, _ = _run_loop(tmp_path, _cfg(tmp_path / "b", **kw), resume=True)
     assert torch.equal(whole, resumed)
     rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from cai.conversation import HH_STOP, to_hh
+from cai.conversation import HH_STOP
 from cai.engines.base import FinishReason, Generation, RowFlag, SamplingConfig, Scores
 from cai.engines.identity import stable_model_id
 from cai.engines.lengths import (
@@ -42,11 +42,20 @@ from cai.engines.lengths import (
     prompt_budget,
 )
 from cai.errors import CaiError
+from cai.tokens import (  # noqa: F401  (re-exported: the engines' callers import them from here)
+    END_OF_TURN_TOKENS,
+    encode_prompt,
+    end_token_ids,
+    ensure_pad_token,
+    has_chat_template,
+    left_pad,
+    position_ids,
+    render_chat,
+    turn_end_ids,
+)
 
 log = logging.getLogger(__name__)
 
-# Special tokens that end a turn in common chat templates; treated as EOS when the vocab has them.
-END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
 # Upper bound on logits materialised at once when scoring multi-token choices (elements).
 _LOGIT_BUDGET = 1 << 26
 # Top-p first looks among this many most likely tokens and sorts the whole vocab only if needed.
@@ -113,78 +122,6 @@ def load_pretrained(model: str | Path, dtype: torch.dtype) -> tuple[Any, Any]:
     except (OSError, ValueError) as e:
         raise model_not_found(source, e) from e
     return tokenizer, lm
-
-
-def ensure_pad_token(tokenizer: Any, model: Any) -> None:
-    """Give the tokenizer a pad token distinct from EOS, so trainers can tell padding from a real end.
-
-    Reuses <unk> when there is one (no new embedding row needed); otherwise adds "<pad>" and grows
-    the embeddings. Pad positions are always masked, so the new row never changes a result.
-    """
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
-        return
-    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
-        log.info("tokenizer has no pad token distinct from EOS: using unk %r as pad", tokenizer.unk_token)
-        tokenizer.pad_token = tokenizer.unk_token
-    else:
-        log.info("tokenizer has no pad token distinct from EOS: adding '<pad>'")
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-
-
-def end_token_ids(tokenizer: Any, model: Any) -> set[int]:
-    """Token ids that end a completion: EOS, the generation config's EOS ids, end-of-turn tokens."""
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    extra = gen_eos if isinstance(gen_eos, (list, tuple, set)) else [gen_eos]
-    return turn_end_ids(tokenizer) | {i for i in extra if i is not None}
-
-
-def encode_prompt(tokenizer: Any, text: str, max_length: int | None = None) -> list[int]:
-    """Prompt ids; adds BOS etc. unless the text already starts with BOS (chat templates write it).
-    Over `max_length`, keeps the first token (BOS) and the last ones (the turn being answered)."""
-    bos = tokenizer.bos_token
-    ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-    if max_length is not None and len(ids) > max_length:
-        log.warning("prompt of %d tokens cut to %d (max_length)", len(ids), max_length)
-        ids = ids[:1] + ids[len(ids) - max_length + 1:]
-    return ids
-
-
-def turn_end_ids(tokenizer: Any) -> set[int]:
-    """EOS plus the end-of-turn tokens of common chat templates that this vocab has."""
-    vocab = tokenizer.get_vocab()
-    ids = {tokenizer.eos_token_id, *(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)}
-    return {i for i in ids if i is not None}
-
-
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def render_chat(tokenizer: Any, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
-    """The tokenizer's chat template (opening the assistant turn) + prefix; HH transcript without one."""
-    if not has_chat_template(tokenizer):
-        return to_hh(messages, assistant_prefix)
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return text + assistant_prefix
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """0 at each row's first real token whatever its left padding (pads get 0, they are masked)."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def nucleus(scaled: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:

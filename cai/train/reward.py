@@ -27,21 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from cai.errors import CaiError, InputError
 from cai.stages.pairs import PreferenceRow
 from cai.store import read_records
-from cai.train.common import (
-    FINAL,
-    TrainConfig,
-    dist_info,
-    fit,
-    make_accelerator,
-    plot_curves,
-    prepare_model,
-    resume_point,
-    save_pretrained,
-    seed_everything,
-    start_loop,
-    write_json,
-)
-from cai.train.sft import encode_prompt, render_completion, render_prompt
+from cai.tokens import encode_completion, encode_prompt, ensure_pad_token, render_chat, right_pad
+from cai.train.checkpoint import FINAL, save_final, write_json
+from cai.train.config import TrainConfig
+from cai.train.devices import dist_info
+from cai.train.loop import LossFn, fit, open_run, start_supervised
+from cai.train.lora import add_lora
+from cai.train.metrics import plot_curves
+from cai.train.models import prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +133,9 @@ def encode_response(tokenizer: Any, context: list[dict[str, str]], response: str
     """Token ids of context + response + EOS, at most max_length: the prompt is cut from the left
     (its first token, BOS, stays); only a response longer than the whole budget is cut on the right
     (its EOS stays). Returns (ids, truncated)."""
-    prompt = encode_prompt(tokenizer, render_prompt(tokenizer, context))
-    reply = list(tokenizer(render_completion(tokenizer, context, response), add_special_tokens=False)["input_ids"])
+    prompt = encode_prompt(tokenizer, render_chat(tokenizer, context))
+    reply = encode_completion(tokenizer, context, response)
     eos = tokenizer.eos_token_id
-    if not reply or reply[-1] != eos:
-        reply.append(eos)
     if len(prompt) + len(reply) <= max_length:
         return prompt + reply, False
     head = prompt[:1] if tokenizer.bos_token_id is not None and prompt[:1] == [tokenizer.bos_token_id] else []
@@ -181,13 +172,7 @@ def load_pairs(path: str | Path, tokenizer: Any, max_length: int, limit: int | N
 def collate_pairs(pairs: list[PairTokens], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """[2B, T] right-padded ids and mask: the B chosen sequences, then the B rejected ones; T is the
     longest sequence of this batch."""
-    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
+    ids, mask = right_pad([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
     return ids.to(device), mask.to(device)
 
 
@@ -207,7 +192,7 @@ def load_reward_model(path: str, dtype: torch.dtype = torch.float32) -> tuple[An
     A fresh head is initialised N(0, 1/sqrt(hidden + 1)), the pad token is made distinct from EOS."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from cai.engines.hf import ensure_pad_token, model_not_found
+    from cai.engines.hf import model_not_found
 
     local_only = not Path(path).is_dir()
     try:
@@ -333,33 +318,13 @@ class RewardSummary(BaseModel):
         return "\n".join(lines)
 
 
-def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | None = None,
-               progress: bool = True) -> RewardSummary:
-    """Train (or resume) a reward model; writes metrics.jsonl, tb/, curves.png, checkpoints/, final/
-    and summary.json into config.out_dir. `stop_after` ends after that many steps (tests)."""
-    start = time.perf_counter()
-    out = Path(config.out_dir)
-    last = resume_point(out, resume)
-    acc = make_accelerator(config)
-    seed_everything(config.seed)
-    model_path = config.model_path()
-    tokenizer, model = load_reward_model(model_path)
-    prepare_model(model, config)
-    train = load_pairs(config.train_file, tokenizer, config.max_length, config.limit_train)
-    test = load_pairs(config.test_file, tokenizer, config.max_length, config.limit_test) if config.test_file else []
-    unknown = set(config.source_weights) - {p.source for p in train}
-    if unknown:
-        log.warning("source_weights names sources absent from the training data: %s", sorted(unknown))
-
-    lengths = [max(len(p.chosen), len(p.rejected)) for p in train] if config.group_by_length else None
-    loop = start_loop(config, acc, model, tokenizer, out, last, len(train), lengths)
-    model, state, steps, logger = loop.model, loop.state, loop.total_steps, loop.logger
-    pad_id = tokenizer.pad_token_id
+def pair_loss_fn(config: RewardConfig, train: list[PairTokens], pad_id: int, device: torch.device) -> LossFn:
+    """The training loss of a micro-batch of pairs (bt_loss with the sources' weights) and its metrics."""
     weights = {s: config.source_weights.get(s, 1.0) for s in {p.source for p in train}}
 
     def loss_fn(m: torch.nn.Module, rows: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         batch = [train[i] for i in rows]
-        rc, rr = pair_rewards(m, batch, pad_id, acc.device)
+        rc, rr = pair_rewards(m, batch, pad_id, device)
         p = torch.tensor([b.label_prob for b in batch], device=rc.device)
         w = torch.tensor([weights[b.source] for b in batch], device=rc.device)
         loss, _ = bt_loss(rc, rr, p, config.margin, config.center_coef, w)
@@ -367,6 +332,44 @@ def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | Non
         return loss, {"accuracy": _nanmean(pair_correct(d, p).cpu()), "margin": float(d.mean()),
                       "chosen": float(rc.detach().float().mean()), "rejected": float(rr.detach().float().mean())}
 
+    return loss_fn
+
+
+def store_reward_stats(config: RewardConfig, acc: Any, model: torch.nn.Module, result: EvalResult | None,
+                       train: list[PairTokens], pad_id: int) -> tuple[float, float]:
+    """Reward mean and std (from the test evaluation `result`, else up to 256 training pairs), stored
+    in the model config (`cai_reward_mean`, `cai_reward_std`) so PPO can normalise scores."""
+    if result is None:
+        result = evaluate_pairs(model, train[: min(len(train), 256)], pad_id, acc, config.eval_batch_size, config.margin)
+    mean, std = result.reward_mean, result.reward_std
+    unwrapped = acc.unwrap_model(model)
+    unwrapped.config.cai_reward_mean = mean
+    unwrapped.config.cai_reward_std = std if std > 0 else 1.0
+    return mean, std
+
+
+def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | None = None,
+               progress: bool = True) -> RewardSummary:
+    """Train (or resume) a reward model; writes metrics.jsonl, tb/, curves.png, checkpoints/, final/
+    and summary.json into config.out_dir. `stop_after` ends after that many steps (tests)."""
+    start = time.perf_counter()
+    out, last, acc = open_run(config, resume)
+    model_path = config.model_path()
+    tokenizer, model = load_reward_model(model_path)
+    prepare_model(model, config)
+    if config.lora is not None:
+        model = add_lora(model, config.lora, full=("score",))  # the head trains in full, saved with the adapters
+    train = load_pairs(config.train_file, tokenizer, config.max_length, config.limit_train)
+    test = load_pairs(config.test_file, tokenizer, config.max_length, config.limit_test) if config.test_file else []
+    unknown = set(config.source_weights) - {p.source for p in train}
+    if unknown:
+        log.warning("source_weights names sources absent from the training data: %s", sorted(unknown))
+
+    lengths = [max(len(p.chosen), len(p.rejected)) for p in train] if config.group_by_length else None
+    session, stream, steps = start_supervised(config, acc, model, tokenizer, out, last, len(train), lengths)
+    model = session.model
+    pad_id = tokenizer.pad_token_id
+    loss_fn = pair_loss_fn(config, train, pad_id, acc.device)
     evals: list[EvalResult] = []
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
@@ -374,26 +377,18 @@ def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | Non
         return evals[-1].flat()
 
     try:
-        state = fit(config, loop, loss_fn, evaluate if test else None, stop_after=stop_after, progress=progress)
+        state = fit(session, stream, steps, loss_fn, evaluate if test else None, stop_after=stop_after,
+                    progress=progress)
     finally:
-        logger.close()
-    if state.step < steps:  # stopped early on purpose (stop_after)
-        raise CaiError(f"stopped after step {state.step} of {steps}; rerun with --resume to continue")
+        session.close()
+    session.require_finished(steps)
 
     model.eval()
     result = None
     if test:  # fit evaluated at the last step, unless this run resumed from the final checkpoint
         result = evals[-1] if evals else evaluate_pairs(model, test, pad_id, acc, config.eval_batch_size, config.margin)
-    if result is not None:
-        mean, std = result.reward_mean, result.reward_std
-    else:
-        sample = train[: min(len(train), 256)]
-        stats = evaluate_pairs(model, sample, pad_id, acc, config.eval_batch_size, config.margin)
-        mean, std = stats.reward_mean, stats.reward_std
-    unwrapped = acc.unwrap_model(model)
-    unwrapped.config.cai_reward_mean = mean
-    unwrapped.config.cai_reward_std = std if std > 0 else 1.0
-    save_pretrained(acc, model, out / FINAL, tokenizer)
+    mean, std = store_reward_stats(config, acc, model, result, train, pad_id)
+    save_final(acc, model, out / FINAL, tokenizer)
     if config.plot and acc.is_main_process:
         plot_curves(out / "metrics.jsonl", out / "curves.png",
                     [("train", "loss"), ("train", "accuracy"), ("eval", "loss"), ("eval", "accuracy")])
@@ -436,12 +431,7 @@ class RewardScorer:
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            width = max(len(seqs[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for j, i in enumerate(idx):
-                ids[j, :len(seqs[i])] = torch.tensor(seqs[i])
-                mask[j, :len(seqs[i])] = 1
+            ids, mask = right_pad([seqs[i] for i in idx], pad)
             r = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.squeeze(-1)
             for j, i in enumerate(idx):
                 out[i] = (float(r[j]) - self.mean) / self.std

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from cai.engines.base import FinishReason, SamplingConfig
-from cai.engines.hf import end_token_ids, left_pad, position_ids, sample_rows
+from cai.engines.hf import sample_rows
+from cai.tokens import end_token_ids, left_pad, position_ids, right_pad
 
 if TYPE_CHECKING:
     from cai.engines.vllm import VLLMEngine
@@ -74,10 +75,7 @@ def build_rollout(query: torch.Tensor, query_mask: torch.Tensor, tokens: list[li
                   reasons: list[FinishReason], tokenizer: Any, stop: tuple[str, ...], pad_id: int) -> Rollout:
     """The left-padded prompts and each row's sampled ids (right-padded after its end) as one Rollout,
     with the response texts PPO scores."""
-    width = max(len(t) for t in tokens)
-    response = torch.full((len(tokens), width), pad_id, dtype=torch.long)
-    for i, t in enumerate(tokens):
-        response[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+    response, _ = right_pad(tokens, pad_id)
     ended_at = torch.tensor([len(t) - 1 for t in tokens])
     texts = [response_text(tokenizer, t, r, stop) for t, r in zip(tokens, reasons)]
     return Rollout(query=query, query_mask=query_mask, response=response, ended_at=ended_at,
@@ -165,11 +163,14 @@ class VLLMSampler:
     vLLM returns the sampled token ids with each completion; a response that ended on EOS gets the
     end token appended if vLLM left it out, so PPO always scores the token that ended the episode.
     After each PPO update `sync` copies the policy's weights into vLLM's model (same names as the
-    transformers checkpoint it loaded) and drops prefix-cache blocks computed with the old weights.
+    transformers checkpoint it loaded; a LoRA policy's merged weights) and drops prefix-cache blocks
+    computed with the old weights. With `sleep`, the engine sleeps (level 1: KV cache freed, weights
+    offloaded) after each rollout, while PPO updates, and `sync` wakes it first.
     """
 
-    def __init__(self, engine: VLLMEngine, tokenizer: Any, stop: tuple[str, ...] = ()):
+    def __init__(self, engine: VLLMEngine, tokenizer: Any, stop: tuple[str, ...] = (), sleep: bool = False):
         self.engine = engine
+        self.sleep, self.asleep = sleep, False
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
         eos = tokenizer.eos_token_id
@@ -188,8 +189,16 @@ class VLLMSampler:
                 ids, reason = [self.tokenizer.eos_token_id], "eos"
             tokens.append(ids)
             reasons.append(reason)
+        if self.sleep:  # the update needs the memory more than the idle engine does
+            self.engine.llm.sleep(level=1)
+            self.asleep = True
         query, query_mask = left_pad(prompts, self.pad_id, torch.device("cpu"))
         return build_rollout(query, query_mask, tokens, reasons, self.tokenizer, self.stop, self.pad_id)
 
     def sync(self, policy: torch.nn.Module) -> None:
-        self.engine.load_weights((name, p.detach()) for name, p in policy.named_parameters())
+        from cai.train.lora import merged_weights
+
+        if self.asleep:
+            self.engine.llm.wake_up()
+            self.asleep = False
+        self.engine.load_weights(merged_weights(policy))  # a LoRA policy: merged, under the base model's names

@@ -7,7 +7,7 @@ way generation renders it (the tokenizer's chat template, else the HH transcript
 the prompt and the response are tokenized separately, so the model learns the token boundary it
 will actually see when it continues a prompt at sampling time.
 
-Training (`run_sft`, `cai train sft`) uses the shared plumbing of cai.train.common (config,
+Training (`run_sft`, `cai train sft`) uses the shared training core (cai.train.loop: config,
 optimizer, schedule, checkpoints, exact resume, metrics, accelerate). The language-model head runs
 only at positions that predict a labelled token: with a 262k vocabulary (Gemma) the head costs more
 than the transformer body per token, and prompt positions carry no loss anyway.
@@ -22,63 +22,19 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cai.conversation import Message, to_hh
+from cai.conversation import Message
 from cai.errors import CaiError, InputError
-from cai.train.common import (
-    FINAL,
-    TrainConfig,
-    dist_info,
-    epoch_order,
-    fit,
-    make_accelerator,
-    plot_curves,
-    prepare_model,
-    resume_point,
-    save_pretrained,
-    seed_everything,
-    start_loop,
-    write_json,
-)
+from cai.tokens import encode_completion, encode_prompt, ensure_pad_token, render_chat, right_pad
+from cai.train.checkpoint import FINAL, save_final, write_json
+from cai.train.config import TrainConfig
+from cai.train.data import epoch_order
+from cai.train.devices import dist_info
+from cai.train.loop import fit, open_run, start_supervised
+from cai.train.lora import add_lora
+from cai.train.metrics import plot_curves
+from cai.train.models import prepare_model
 
 IGNORE = -100  # label of tokens that carry no loss
-
-
-# ---------------------------------------------------------------- chat format (shared with PPO)
-
-
-def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
-    """The text a model continues to answer as the assistant after `messages`."""
-    if has_chat_template(tokenizer):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return to_hh(messages, assistant_prefix="")
-
-
-def render_completion(tokenizer: Any, messages: list[dict[str, str]], response: str) -> str:
-    """The text that follows `render_prompt(messages)` when the assistant says `response`."""
-    if not has_chat_template(tokenizer):
-        return " " + response.strip()
-    prefix = render_prompt(tokenizer, messages)
-    full = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": response}], tokenize=False
-    )
-    if not full.startswith(prefix):
-        raise CaiError(
-            "the tokenizer's chat template renders the conversation differently with and without the "
-            "final assistant turn, so the response tokens cannot be isolated; use a model whose template "
-            "only appends the assistant turn"
-        )
-    return full[len(prefix):]
-
-
-def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a rendered prompt; BOS is added unless the rendered text already starts with it."""
-    bos = getattr(tokenizer, "bos_token", None)
-    add_special = not (bos and text.startswith(bos))
-    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
 
 # ---------------------------------------------------------------- rows -> examples
@@ -168,12 +124,8 @@ def tokenize_example(tokenizer: Any, example: SFTExample, max_length: int) -> To
     Returns None when the prompt alone leaves no room for a response token.
     """
     messages = [m.model_dump() for m in example.prompt]
-    prompt_ids = encode_prompt(tokenizer, render_prompt(tokenizer, messages))
-    completion = render_completion(tokenizer, messages, example.response)
-    response_ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    eos = tokenizer.eos_token_id
-    if not response_ids or response_ids[-1] != eos:
-        response_ids.append(eos)
+    prompt_ids = encode_prompt(tokenizer, render_chat(tokenizer, messages))
+    response_ids = encode_completion(tokenizer, messages, example.response)
     if len(prompt_ids) >= max_length:
         return None
     ids = (prompt_ids + response_ids)[:max_length]
@@ -200,18 +152,14 @@ def collate(rows: list[list[Tokenized]], pad_id: int) -> dict[str, torch.Tensor 
     each example and no attention mask: transformers then builds a block-diagonal causal mask from
     the position ids, so packed examples never attend to each other."""
     packed = any(len(r) > 1 for r in rows)
-    width = max(sum(len(ex.input_ids) for ex in r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    ids, attention = right_pad([[t for ex in r for t in ex.input_ids] for r in rows], pad_id)
+    labels, _ = right_pad([[t for ex in r for t in ex.labels] for r in rows], IGNORE)
+    width = ids.shape[1]
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         start = 0
         for ex in r:
             n = len(ex.input_ids)
-            ids[i, start:start + n] = torch.tensor(ex.input_ids)
-            labels[i, start:start + n] = torch.tensor(ex.labels)
-            attention[i, start:start + n] = 1
             positions[i, start:start + n] = torch.arange(n)
             start += n
         positions[i, start:] = torch.arange(width - start)  # padding: a separate dummy sequence
@@ -351,18 +299,17 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
             progress: bool = True) -> SFTSummary:
     """Fine-tune (or resume) a causal LM on the final assistant turns; writes metrics.jsonl, tb/,
     curves.png, checkpoints/, final/ and summary.json into config.out_dir."""
-    from cai.engines.hf import ensure_pad_token, load_pretrained
+    from cai.engines.hf import load_pretrained
 
     start = time.perf_counter()
-    out = Path(config.out_dir)
-    last = resume_point(out, resume)
-    acc = make_accelerator(config)
-    seed_everything(config.seed)
+    out, last, acc = open_run(config, resume)
     train_ex, test_ex, empty = _split_examples(config)  # before the model: a bad file fails in a second
     model_path = config.model_path()
     tokenizer, model = load_pretrained(model_path, torch.float32)
     ensure_pad_token(tokenizer, model)
     prepare_model(model, config)
+    if config.lora is not None:
+        model = add_lora(model, config.lora)
     tokenized = [tokenize_example(tokenizer, e, config.max_length) for e in train_ex]
     train_tok = [t for t in tokenized if t is not None]
     test_tok = [t for t in (tokenize_example(tokenizer, e, config.max_length) for e in test_ex) if t is not None]
@@ -372,8 +319,8 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
     test_rows = [[t] for t in test_tok]
 
     lengths = [sum(len(e.input_ids) for e in r) for r in rows] if config.group_by_length and not config.packing else None
-    loop = start_loop(config, acc, model, tokenizer, out, last, len(rows), lengths)
-    model, state, steps, logger = loop.model, loop.state, loop.total_steps, loop.logger
+    session, stream, steps = start_supervised(config, acc, model, tokenizer, out, last, len(rows), lengths)
+    model, state = session.model, session.state
     pad_id = tokenizer.pad_token_id
 
     def loss_fn(m: torch.nn.Module, idx: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -391,18 +338,17 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
             model.eval()
             first = evaluate(model)
             state.extra["test_loss_before"] = first["loss"]
-            logger.log(0, "eval", first)
-        state = fit(config, loop, loss_fn, evaluate if test_rows else None, stop_after=stop_after,
+            session.log("eval", first, step=0)
+        state = fit(session, stream, steps, loss_fn, evaluate if test_rows else None, stop_after=stop_after,
                     progress=progress)
     finally:
-        logger.close()
-    if state.step < steps:  # stopped early on purpose (stop_after)
-        raise CaiError(f"stopped after step {state.step} of {steps}; rerun with --resume to continue")
+        session.close()
+    session.require_finished(steps)
     model.eval()
     after = None
     if test_rows:  # fit evaluated the last step, unless this run resumed from the final checkpoint
         after = evals[state.step] if state.step in evals else evaluate(model)["loss"]
-    save_pretrained(acc, model, out / FINAL, tokenizer)
+    save_final(acc, model, out / FINAL, tokenizer)
     if config.plot and acc.is_main_process:
         plot_curves(out / "metrics.jsonl", out / "curves.png", [("train", "loss"), ("eval", "loss")])
     summary = SFTSummary(

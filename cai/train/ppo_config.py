@@ -1,0 +1,85 @@
+"""`cai train ppo` config: the shared TrainConfig fields plus the prompts, rollout, reward and PPO
+settings (defaults from the PPO-for-language-models studies; see cai.train.ppo)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from cai.train.config import TrainConfig
+
+
+class PromptSource(BaseModel):
+    """A file of prompts and its share of each step's prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    kind: Literal["prompts", "pairs"] = Field(
+        "prompts", description="prompts: prompt rows (red-team prompts); pairs: the prompts of human preference pairs"
+    )
+    weight: float = Field(1.0, gt=0, description="relative share of each step's prompts")
+    limit: int | None = Field(None, ge=1, description="use only the first N rows")
+
+
+class PPOConfig(TrainConfig):
+    """`cai train ppo` config: the shared TrainConfig fields (model = the SFT policy; batch_size and
+    grad_accum = episodes per micro-batch and micro-batches per minibatch) plus PPO settings."""
+
+    reward_model: str | None = Field(None, description="trained reward model dir (`cai train rm` final/)")
+    normalize_reward: bool = Field(True, description="score (r - mean) / std with the RM's stored statistics")
+    critic: Literal["reward_model", "policy_head"] = Field(
+        "reward_model", description="reward_model: a separate critic initialised from the RM; policy_head: a value "
+        "head on the policy's last hidden state (shared trunk, one model less)")
+    critic_model: str | None = Field(None, description="initialise the critic from this model instead of reward_model")
+    prompts: list[PromptSource] = Field(min_length=1)
+    max_prompt_tokens: int = Field(256, ge=8, description="longer prompts keep BOS and their last tokens")
+    prompts_per_step: int = Field(8, ge=1, description="prompts sampled per PPO step (per process)")
+    completions_per_prompt: int = Field(1, ge=1)
+    rollout_engine: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: sample from the policy in memory; vllm: a vLLM engine in this process (one per "
+        "GPU), the policy's weights copied into it before every rollout")
+    vllm_options: dict[str, Any] = Field(
+        default_factory=dict, description="vllm.LLM options for rollout_engine vllm (defaults: gpu_memory_utilization "
+        "0.3, enable_prefix_caching true, dtype bfloat16 whatever the trainer's dtype; tensor_parallel_size must stay 1)")
+    vllm_sleep: bool = Field(
+        True, description="rollout_engine vllm: sleep the engine (level 1: KV cache freed, weights offloaded to "
+        "CPU) during each update, and wake it before the next weight sync")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.7, gt=0, description="sampling temperature; log-probs use logits / temperature")
+    unfinished_penalty: float = Field(1.0, ge=0, description="subtracted from the score of responses that never end")
+    kl_coef: float = Field(0.05, ge=0, description="initial (or fixed) coefficient of the per-token KL penalty")
+    kl_target: float | None = Field(None, gt=0, description="adaptive coefficient: target sequence KL (nats)")
+    kl_horizon: int = Field(10_000, ge=1, description="adaptive coefficient: episodes per full adjustment")
+    whiten_rewards: bool = Field(False, description="scale per-token rewards to unit variance (mean kept)")
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    ppo_epochs: int = Field(4, ge=1, description="passes over each step's episodes")
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    reward_batch_size: int = Field(16, ge=1)
+    reward_max_length: int = Field(1024, ge=8)
+    sample_every: int = Field(10, ge=0, description="steps between logged sample responses; 0 = never")
+    samples_per_log: int = Field(4, ge=1)
+    # TrainConfig defaults changed for PPO (lr, Adam eps and linear decay as in the PPO-for-LMs studies)
+    lr: float = Field(3e-6, gt=0)
+    adam_eps: float = Field(1e-5, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "linear"
+    batch_size: int = Field(4, ge=1, description="episodes per micro-batch (forward pass)")
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> PPOConfig:
+        episodes, minibatch = self.episodes_per_step, self.batch_size * self.grad_accum
+        if episodes % minibatch:
+            raise ValueError(
+                f"prompts_per_step * completions_per_prompt ({episodes}) must be a multiple of the minibatch "
+                f"batch_size * grad_accum ({minibatch})"
+            )
+        return self
+
+    @property
+    def episodes_per_step(self) -> int:
+        return self.prompts_per_step * self.completions_per_prompt
