@@ -118,6 +118,20 @@ def lock_run_dir(run_dir: str | Path) -> Lock:
     return Lock(d, d / ".cai.lock").acquire()
 
 
+_HELD_RUN_DIRS: dict[Path, Lock] = {}
+
+
+def hold_run_dir(run_dir: str | Path) -> None:
+    """Lock a trainer's run directory for the rest of this process (see `lock_run_dir`).
+
+    Why for the whole process: a trainer has no single exit point to release from (an exception may
+    leave it anywhere), and the kernel drops the lock when the process ends. Holding it again from the
+    same process is a no-op, so `cai run` and tests can resume a run in the process that started it."""
+    d = Path(run_dir).resolve()
+    if d not in _HELD_RUN_DIRS:
+        _HELD_RUN_DIRS[d] = lock_run_dir(d)
+
+
 def read_holder(lock_file: Path) -> dict[str, object]:
     """What the holder wrote into the lock file ({} if nothing readable yet)."""
     try:

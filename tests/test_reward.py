@@ -267,3 +267,27 @@ def test_cli_trains_with_set_overrides_and_resumes(tiny_model_dir, pair_files, t
     assert "resuming from" in printed.out and "train:" not in printed.err
     steps = [json.loads(x)["step"] for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 2, 3, 3]  # train + eval rows of steps 2 and 3
+
+
+def test_a_second_process_cannot_train_into_a_run_dir_in_use(tiny_model_dir, pair_files, tmp_path):
+    """Two trainers in one out_dir would interleave checkpoints and metrics: the second stops before writing."""
+    import subprocess
+    import sys
+
+    from cai.locking import InUseError
+
+    out = tmp_path / "rm-run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from cai.locking import hold_run_dir; hold_run_dir(sys.argv[1]); "
+         "print('held', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InUseError, match=f"is already in use by pid {holder.pid}"):
+            run_reward(_config(tiny_model_dir, pair_files, out, max_steps=2), progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [".cai.lock"]  # nothing of the second run was written
+    finally:
+        holder.communicate("")
+    run_reward(_config(tiny_model_dir, pair_files, out, max_steps=2), progress=False)  # free again once it ended
+    assert (out / "final").is_dir()

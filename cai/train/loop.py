@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from cai.errors import CaiError
+from cai.locking import hold_run_dir
 from cai.train.checkpoint import Checkpointer, TrainState, resume_point
 from cai.train.config import TrainConfig
 from cai.train.data import BatchStream, seed_everything, total_steps
@@ -54,6 +55,8 @@ class Session:
 
     def __init__(self, config: TrainConfig, acc: Any, out_dir: Path, modules: Mapping[str, torch.nn.Module],
                  tokenizer: Any, schedule_steps: int):
+        if acc.is_main_process:  # one trainer per run dir: a second process stops here, before writing
+            hold_run_dir(out_dir)
         self.config, self.acc, self.tokenizer = config, acc, tokenizer
         self.modules = {name: acc.prepare(m) for name, m in modules.items()}
         self.model = next(iter(self.modules.values()))
