@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,9 +132,27 @@ def test_all_row_formats_give_the_same_example(tmp_path):
     ]
     path = tmp_path / "sft.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    examples, empty = load_examples(path)
-    assert empty == 1
+    examples, skipped = load_examples(path)
+    assert skipped == {"empty": 1}
     assert len(examples) == 4 and all(e == examples[0] for e in examples)
+
+
+def test_drop_flags_leave_flagged_rows_out_and_repeated_ids_count_once(tmp_path):
+    """SFT reads `cai generate` output: rows flagged by a listed rule and repeats of an id are not trained on."""
+    def row(i: int, copied: bool) -> dict:
+        return {"id": f"r{i}", "prompt": PROMPT, "final_response": f"answer {i}", "initial_response": "x",
+                "steps": [], "flags": {"copied_few_shot": copied, "truncated": False}}
+
+    path = tmp_path / "sft.jsonl"
+    rows = [row(0, False), row(1, True), row(2, False), row(0, False)]  # r0 written twice
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples, skipped = load_examples(path, ("copied_few_shot",))
+    assert [e.response for e in examples] == ["answer 0", "answer 2"]
+    assert skipped == {"flag:copied_few_shot": 1}
+    examples, skipped = load_examples(path)
+    assert [e.response for e in examples] == ["answer 0", "answer 1", "answer 2"] and not skipped
+    with pytest.raises(ValidationError, match="unknown flag 'copied'"):
+        SFTConfig(model="m", out_dir="o", train_file=str(path), drop_flags=["copied"])
 
 
 @pytest.mark.parametrize(

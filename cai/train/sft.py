@@ -16,6 +16,7 @@ than the transformer body per token, and prompt positions carry no loss anyway.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cai.conversation import Message
 from cai.errors import CaiError, InputError
+from cai.stages.flag_filter import FLAG_NAMES
 from cai.tokens import encode_completion, encode_prompt, ensure_pad_token, render_chat, right_pad
 from cai.train.checkpoint import FINAL, save_final, write_json
 from cai.train.config import TrainConfig
@@ -90,22 +92,29 @@ def row_to_example(row: dict[str, Any], path: str, line: int) -> SFTExample:
     return SFTExample(prompt=prompt, response=response)
 
 
-def load_examples(path: str | Path) -> tuple[list[SFTExample], int]:
-    """All examples of a JSONL (.gz), parquet or other datasets-loadable file, and how many rows were
-    skipped for an empty response."""
+def load_examples(path: str | Path, drop_flags: tuple[str, ...] = ()) -> tuple[list[SFTExample], Counter[str]]:
+    """All examples of a JSONL (.gz), parquet or other datasets-loadable file, and the count of rows
+    left out per reason: `empty` (an empty response) or `flag:<name>` (a flag listed in
+    `drop_flags`, the rule of cai.stages.flag_filter). A repeated row id keeps its first row."""
+    from cai.stages.flag_filter import count_key, drop_reason, row_flags
     from cai.stages.inputs import iter_rows
+    from cai.store import unique_ids
 
     p = Path(path)
-    examples, empty = [], 0
-    for line, row in iter_rows(p):
+    examples: list[SFTExample] = []
+    skipped: Counter[str] = Counter()
+    for line, row in unique_ids(iter_rows(p), p):
+        flag = drop_reason(row_flags(row), drop_flags)
         ex = row_to_example(row, str(p), line)
-        if ex.response.strip():
+        if flag is not None:
+            skipped[count_key(flag)] += 1
+        elif ex.response.strip():
             examples.append(ex)
         else:
-            empty += 1
+            skipped["empty"] += 1
     if not examples:
-        raise InputError(str(p), "no training examples in file")
-    return examples, empty
+        raise InputError(str(p), "no training examples in file" + (f" (left out: {dict(skipped)})" if skipped else ""))
+    return examples, skipped
 
 
 # ---------------------------------------------------------------- tokenization, packing, collation
@@ -219,11 +228,16 @@ class SFTConfig(TrainConfig):
     group_by_length: bool = Field(True, description="batch examples of similar length together (no packing)")
     eval_batch_size: int = Field(8, ge=1)
     limit_train: int | None = Field(None, ge=1, description="use only the first N training rows")
+    drop_flags: list[str] = Field(default_factory=list,
+                                       description="leave out rows with any of these flags set (e.g. copied_few_shot)")
 
     @model_validator(mode="after")
     def _split(self) -> SFTConfig:
         if self.test_file is not None and self.test_size > 0:
             raise ValueError("set test_file or test_size, not both")
+        unknown = [f for f in self.drop_flags if f not in FLAG_NAMES]
+        if unknown:
+            raise ValueError(f"unknown flag {unknown[0]!r} in drop_flags; the flags are: {', '.join(FLAG_NAMES)}")
         return self
 
 
@@ -234,6 +248,7 @@ class SFTSummary(BaseModel):
     train_examples: int
     test_examples: int
     skipped_empty: int = Field(description="rows with an empty response")
+    dropped_flagged: dict[str, int] = Field(default_factory=dict, description="rows left out by drop_flags, per flag")
     skipped_long_prompt: int = Field(description="examples whose prompt alone fills max_length")
     train_rows: int = Field(description="rows per epoch (packed rows when packing)")
     train_tokens: int = Field(description="response (loss) tokens per epoch")
@@ -249,6 +264,8 @@ class SFTSummary(BaseModel):
                  f"{self.train_samples_per_s:.2f} rows/s")]
         if self.skipped_empty or self.skipped_long_prompt:
             lines.append(f"skipped: {self.skipped_empty} empty responses, {self.skipped_long_prompt} prompts over max_length")
+        if self.dropped_flagged:
+            lines.append("left out by drop_flags: " + ", ".join(f"{k} {v}" for k, v in self.dropped_flagged.items()))
         if self.test_loss_after is not None:
             before = f"{self.test_loss_before:.4f} -> " if self.test_loss_before is not None else ""
             lines.append(f"test loss ({self.test_examples} examples): {before}{self.test_loss_after:.4f}")
@@ -256,20 +273,21 @@ class SFTSummary(BaseModel):
         return "\n".join(lines)
 
 
-def _split_examples(config: SFTConfig) -> tuple[list[SFTExample], list[SFTExample], int]:
-    train, empty = load_examples(config.train_file)
+def _split_examples(config: SFTConfig) -> tuple[list[SFTExample], list[SFTExample], Counter[str]]:
+    drop = tuple(config.drop_flags)
+    train, skipped = load_examples(config.train_file, drop)
     train = train[: config.limit_train]
     if config.test_file is not None:
-        test, more = load_examples(config.test_file)
-        return train, test, empty + more
+        test, more = load_examples(config.test_file, drop)
+        return train, test, skipped + more
     if config.test_size > 0:
         order = epoch_order(len(train), config.seed, -1)
         n_test = max(1, round(config.test_size * len(train)))
         if n_test >= len(train):
             raise CaiError(f"test_size {config.test_size} leaves no training rows out of {len(train)}")
         held = set(order[:n_test])
-        return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)], empty
-    return train, [], empty
+        return [e for i, e in enumerate(train) if i not in held], [train[i] for i in sorted(held)], skipped
+    return train, [], skipped
 
 
 @torch.no_grad()
@@ -303,7 +321,7 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
 
     start = time.perf_counter()
     out, last, acc = open_run(config, resume)
-    train_ex, test_ex, empty = _split_examples(config)  # before the model: a bad file fails in a second
+    train_ex, test_ex, skipped = _split_examples(config)  # before the model: a bad file fails in a second
     model_path = config.model_path()
     tokenizer, model = load_pretrained(model_path, torch.float32)
     ensure_pad_token(tokenizer, model)
@@ -353,7 +371,8 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
         plot_curves(out / "metrics.jsonl", out / "curves.png", [("train", "loss"), ("eval", "loss")])
     summary = SFTSummary(
         model=model_path if config.model else "gemma-3-270m (bundled)", steps=state.step, samples=state.samples,
-        train_examples=len(train_tok), test_examples=len(test_tok), skipped_empty=empty,
+        train_examples=len(train_tok), test_examples=len(test_tok), skipped_empty=skipped["empty"],
+        dropped_flagged={k: v for k, v in sorted(skipped.items()) if k != "empty"},
         skipped_long_prompt=len(tokenized) - len(train_tok), train_rows=len(rows),
         train_tokens=sum(sum(x != IGNORE for x in e.labels) for e in train_tok),
         wall_s=time.perf_counter() - start, train_samples_per_s=state.samples / max(state.elapsed_s, 1e-9),
