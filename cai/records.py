@@ -55,6 +55,7 @@ class Flags(BaseModel):
     empty: bool = False  # the final response is empty
     revision_unchanged: bool = False  # the final response equals the initial one
     critique_found_nothing: bool = False  # every critique said there was nothing to fix
+    error: str | None = None  # the engine refused this row even on its own (written once, not retried)
 
     def kinds(self) -> list[str]:
         return [name for name, value in self.model_dump().items() if value]
