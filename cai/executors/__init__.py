@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Literal, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from cai.errors import CaiError
-from cai.executors.base import Batch, BatchResult, EngineInfo, WorkerStats, plan_batches
+from cai.executors.base import Batch, BatchResult, EngineInfo, WorkerSpec, WorkerStats, plan_batches
 from cai.store import JsonlStore
 
-__all__ = ["Batch", "Executor", "RunStats", "drive", "plan_batches"]
+__all__ = ["Batch", "Executor", "ExecutorSettings", "RunStats", "drive", "open_executor", "plan_batches"]
 
 
 class Executor(Protocol):
@@ -28,6 +28,36 @@ class Executor(Protocol):
     def results(self, batches: list[Batch]) -> Iterator[BatchResult]: ...
 
     def close(self) -> None: ...
+
+
+class ExecutorSettings(BaseModel):
+    """Where a data stage runs. Not part of the output's fingerprint: rows do not depend on it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    executor: Literal["local", "ray"] = Field("local", description="local: this process; ray: Ray actors")
+    ray_address: str | None = Field(
+        None, description="None: start a local Ray; 'auto': the running cluster; or ray://host:port")
+    ray_workers: int = Field(1, ge=1, description="Ray actors, each with its own engine")
+    ray_gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per actor (vLLM: = tensor_parallel_size)")
+
+    def executor_settings(self) -> ExecutorSettings:
+        return ExecutorSettings.model_validate({k: getattr(self, k) for k in ExecutorSettings.model_fields})
+
+
+def open_executor(settings: ExecutorSettings, spec: WorkerSpec) -> Executor:
+    """The executor the settings name. A spec carrying an engine already loaded in this process
+    only runs locally: Ray actors build their own from the config."""
+    if settings.executor == "local":
+        from cai.executors.local import LocalExecutor
+
+        return LocalExecutor(spec)
+    if getattr(spec, "engine", None) is not None or getattr(spec, "policy_engine", None) is not None:
+        raise CaiError("executor ray builds one engine inside each Ray worker and cannot use an engine "
+                       "loaded in this process; leave the engine to the config (model, engine, engine_options).")
+    from cai.executors.ray import RayExecutor
+
+    return RayExecutor(spec, settings)
 
 
 class RunStats(BaseModel):

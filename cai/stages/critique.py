@@ -25,6 +25,8 @@ from cai.constitution import Constitution, Principle, load_constitution
 from cai.conversation import Message, as_dicts
 from cai.engines.base import Engine, Generation, SamplingConfig
 from cai.errors import CaiError
+from cai.executors import Batch, ExecutorSettings, RunStats, drive, open_executor
+from cai.executors.base import EngineInfo, WorkerStats, plan_batches
 from cai.hashing import record_id, sha256_of
 from cai.prompts import (
     CRITIQUE_PREFIX,
@@ -35,8 +37,6 @@ from cai.prompts import (
     response_messages,
     revision_messages,
 )
-from cai.executors import Batch, RunStats, drive
-from cai.executors.base import EngineInfo, WorkerStats, plan_batches
 from cai.records import CritiqueStep, Flags, Provenance, SFTRecord
 from cai.stages.inputs import load_prompts, parse_shard
 from cai.store import JsonlStore
@@ -49,7 +49,7 @@ _NOTHING_FOUND = re.compile(
 )
 
 
-class CritiqueConfig(BaseModel):
+class CritiqueConfig(ExecutorSettings):
     """Settings of `cai generate` (also readable from a YAML config)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -320,15 +320,14 @@ def run_critique(config: CritiqueConfig, engine: Engine | None = None, progress:
     """load -> critique-revise -> write. Resumes from `config.out` if it holds rows of the same config.
 
     `engine`: an engine already loaded in this process (local executor only); `engine_factory`: how
-    each worker builds its engine instead of loading the config's (must pickle for Ray)."""
-    from cai.executors.local import LocalExecutor
-
+    each worker builds its engine instead of loading the config's (must pickle for Ray). The
+    executor (config.executor) runs the batches; this process alone writes the output."""
     constitution = load_constitution(config.constitution)
     few_shot = load_few_shot(constitution.few_shot_path)
     select_principles(constitution, config.tags)  # a bad tag fails here, before any worker starts
     conversations = load_prompts(config.prompts, limit=config.limit)
     positions = plan_batches(len(conversations), config.batch_size, parse_shard(config.shard))
-    executor = LocalExecutor(CritiqueWorker(config, engine, engine_factory))
+    executor = open_executor(config.executor_settings(), CritiqueWorker(config, engine, engine_factory))
     start = time.perf_counter()
     try:
         fingerprint = config.fingerprint(constitution, few_shot, executor.engine_info().model_id)

@@ -31,7 +31,7 @@ from cai.constitution import Constitution, Principle, load_constitution
 from cai.conversation import Message, as_dicts
 from cai.engines.base import Engine, SamplingConfig
 from cai.errors import CaiError
-from cai.executors import Batch, drive
+from cai.executors import Batch, ExecutorSettings, drive, open_executor
 from cai.executors.base import EngineInfo, WorkerStats, plan_batches
 from cai.hashing import record_id, sha256_of
 from cai.prompts import (
@@ -139,7 +139,7 @@ class LabelerSettings(BaseModel):
         }
 
 
-class LabelConfig(LabelerSettings):
+class LabelConfig(LabelerSettings, ExecutorSettings):
     """Settings of `cai label`: exactly one of pairs / critique / prompts is the input."""
 
     pairs: Path | None = Field(None, description="JSONL of prompt/response_a/response_b (or prompt/chosen/rejected)")
@@ -526,14 +526,13 @@ def run_label(config: LabelConfig, engine: Engine | None = None, policy_engine: 
 
     `engine` / `policy_engine`: engines already loaded in this process (local executor only);
     `engine_factory`: how each worker builds the labeler engine instead (must pickle for Ray)."""
-    from cai.executors.local import LocalExecutor
     from cai.stages.critique import select_principles
 
     constitution = load_constitution(config.constitution)
     templates = load_feedback_templates(config.feedback_templates)
     select_principles(constitution, config.tags)
     items = _load_items(config)  # before loading a model, so a bad file fails in a second, not after a minute
-    executor = LocalExecutor(LabelWorker(config, engine, policy_engine, engine_factory))
+    executor = open_executor(config.executor_settings(), LabelWorker(config, engine, policy_engine, engine_factory))
     start = time.perf_counter()
     try:
         fingerprint = config.fingerprint(constitution, templates, executor.engine_info().model_id)
