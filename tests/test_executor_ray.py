@@ -26,6 +26,7 @@ from test_executor import refuse_poison
 from test_executor_resume import LABEL_CONSTITUTION, composition_sensitive_engine, content
 
 from cai.engines import load_engine
+from cai.errors import CaiError
 from cai.records import SFTRecord
 from cai.stages.critique import CritiqueConfig, run_critique
 from cai.stages.label import LabelConfig, LabelRecord, run_label
@@ -163,3 +164,9 @@ def test_a_killed_driver_resumes_on_ray_to_the_local_rows(workdir: Path, monkeyp
     assert (summary.rows_skipped, summary.rows_written) == (3, 5)
     assert set(ids_on_disk(workdir / "ray.jsonl").values()) == {1}
     assert content(workdir / "ray.jsonl", SFTRecord) == content(workdir / "local.jsonl", SFTRecord)
+
+
+def test_a_worker_that_cannot_load_its_model_is_one_clear_error(workdir: Path) -> None:
+    with pytest.raises(CaiError, match=r"Ray worker-0: cannot load model '/no/such/model'"):
+        run_critique(critique_config(workdir, "ray.jsonl", executor="ray", model="/no/such/model"), progress=False)
+    assert not (workdir / "ray.jsonl").exists()

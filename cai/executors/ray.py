@@ -36,15 +36,24 @@ class BatchWorker:
 
     def __init__(self, spec: WorkerSpec, name: str):
         self.name = name
-        self.runner = spec.open()
+        # A user error (a model path that does not exist on this node, a bad option) is kept and
+        # raised by engine_info, so the driver prints it as itself rather than as a dead actor.
+        self.runner, self.error = None, None
+        try:
+            self.runner = spec.open()
+        except CaiError as e:
+            self.error = str(e)
 
     def engine_info(self) -> EngineInfo:
+        if self.runner is None:
+            raise CaiError(f"Ray {self.name}: {self.error}")
         return self.runner.engine_info()
 
     def pid(self) -> int:
         return os.getpid()
 
     def run(self, batch: Batch) -> BatchResult:
+        assert self.runner is not None, "engine_info reports a worker that failed to open"
         return run_batch(self.runner, batch, self.name)
 
 
