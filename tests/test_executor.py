@@ -96,3 +96,16 @@ def test_executor_flags_reach_the_configs(workdir: Path) -> None:
     (workdir / "job.yaml").write_text("prompts: p.jsonl\nconstitution: c.yaml\nout: o.jsonl\nexecutor: ray\n")
     args = build_parser().parse_args(["generate", "--config", str(workdir / "job.yaml")])
     assert load_config(args).executor == "ray"
+
+
+def test_pipeline_sections_choose_the_executor_without_changing_stage_keys(tmp_path: Path, repo_root: Path) -> None:
+    from test_pipeline import pipeline_yaml
+
+    from cai.pipeline import load_pipeline, stage_keys
+
+    local = load_pipeline(pipeline_yaml(tmp_path, tmp_path / "model", repo_root))
+    ray = {"executor": "ray", "ray_workers": 3, "ray_address": "auto"}
+    on_ray = load_pipeline(pipeline_yaml(tmp_path, tmp_path / "model", repo_root, generate=ray, label=ray))
+    assert on_ray.stages["generate"].executor == on_ray.stages["label"].executor == "ray"
+    assert on_ray.stages["generate"].ray_workers == 3
+    assert stage_keys(on_ray) == stage_keys(local)  # a run may move between executors and resume
