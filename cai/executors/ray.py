@@ -76,8 +76,8 @@ class RayExecutor:
                 ray.init(address=settings.ray_address, include_dashboard=False, log_to_driver=False,
                          logging_level="warning")
             except (ConnectionError, RuntimeError, ValueError) as e:
-                where = settings.ray_address or "a new local Ray instance"
-                raise CaiError(f"--ray-address {where}: cannot connect to Ray ({e}). Start a cluster with "
+                where = f"--ray-address {settings.ray_address}" if settings.ray_address else "a new local Ray"
+                raise CaiError(f"cannot start or reach {where} ({e}). Start a cluster with "
                                "`ray start --head` (and `ray start --address=HEAD:6379` on the other nodes), "
                                "then pass --ray-address auto, or leave --ray-address out to start a local Ray.") from None
             self.started_ray = True
