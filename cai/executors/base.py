@@ -26,8 +26,8 @@ from cai.stages.inputs import shard_indices
 
 @dataclass(frozen=True)
 class Batch:
-    """One fixed batch: its global number, the ids of the rows it writes, and the stage's items
-    (picklable: they travel to Ray workers)."""
+    """One fixed batch: its number in the (shard's) plan, the ids of the rows it writes, and the
+    stage's items (picklable: they travel to Ray workers)."""
 
     index: int
     ids: list[str]
