@@ -7,9 +7,11 @@ Baseline: `cai generate` with the local executor, which loads the engine in this
 the same config with `executor: ray`, one worker, starting a fresh local Ray instance, so its wall
 time includes what a user pays: starting Ray, the actor process and its engine, streaming rows
 back. Both use one compute thread (OMP_NUM_THREADS=1) so neither gets more CPU than the other.
-Prints per run the wall time and the time to the first row on disk, then ray/local ratios
-(the issue's goal: wall-time overhead <= 10%, which a short job on a small model cannot reach:
-Ray's fixed start-up cost is amortised only by longer jobs; the ratio is printed as measured).
+Prints per run the wall time, the time to the first row on disk and the time after it, then
+ray/local ratios. The time to the first row holds Ray's fixed cost (starting Ray, the actor
+process, its imports and engine); the time after it is the per-batch cost (shipping batches and
+rows), which is what a long job pays. The issue's goal, wall-time overhead <= 10%, needs a job
+long enough to amortise the fixed cost; the ratios are printed as measured.
 """
 
 from __future__ import annotations
@@ -97,10 +99,11 @@ def main() -> int:
     name = "bundled Gemma 3 270M" if args.gemma else "tiny random model"
     print(f"{name}: {args.prompts} prompts x {args.rounds} rounds, batch {args.batch_size}, "
           f"{args.max_new_tokens} new tokens, 1 thread, {os.cpu_count()} CPUs")
-    print(f"local (baseline): wall {local[0]:.1f}s, first row {local[1]:.1f}s")
-    print(f"ray, 1 worker:    wall {on_ray[0]:.1f}s, first row {on_ray[1]:.1f}s")
+    for name, (wall, first) in (("local (baseline)", local), ("ray, 1 worker", on_ray)):
+        print(f"{name:17} wall {wall:.1f}s, first row {first:.1f}s, after the first row {wall - first:.1f}s")
     print(f"ratio ray/local:  wall {on_ray[0] / local[0]:.2f}, first row {on_ray[1] / local[1]:.2f}, "
-          f"overhead {on_ray[0] - local[0]:+.1f}s")
+          f"after the first row {(on_ray[0] - on_ray[1]) / (local[0] - local[1]):.2f} "
+          f"(overhead {on_ray[0] - local[0]:+.1f}s)")
     return 0
 
 
