@@ -106,8 +106,8 @@ class RayExecutor:
             if queue:
                 in_flight[actor.run.remote(queue.popleft())] = actor
 
-        for actor in self.actors:
-            for _ in range(IN_FLIGHT_PER_WORKER):
+        for _ in range(IN_FLIGHT_PER_WORKER):  # round-robin, so a short job still uses every worker
+            for actor in self.actors:
                 submit(actor)
         while in_flight:
             (ref,), _ = self.ray.wait(list(in_flight), num_returns=1)
