@@ -109,3 +109,28 @@ def test_pipeline_sections_choose_the_executor_without_changing_stage_keys(tmp_p
     assert on_ray.stages["generate"].executor == on_ray.stages["label"].executor == "ray"
     assert on_ray.stages["generate"].ray_workers == 3
     assert stage_keys(on_ray) == stage_keys(local)  # a run may move between executors and resume
+
+
+def test_the_driver_refuses_a_row_its_batch_does_not_hold(workdir: Path) -> None:
+    """A worker whose model or files differ from the driver's computes other ids: stop, write nothing."""
+    from tqdm import tqdm
+
+    from cai.executors import drive
+    from cai.executors.base import Batch, BatchResult
+    from cai.store import JsonlStore
+
+    stranger = SFTRecord.model_validate_json(
+        json.dumps({"id": "not-in-batch", "source_index": 0, "prompt": [{"role": "user", "content": "hi"}],
+                    "initial_response": "", "initial_tokens": 0, "initial_finish": "stop", "steps": [],
+                    "final_response": "", "flags": {}, "provenance": {
+                        "constitution_name": "c", "constitution_sha256": "0" * 64, "principle_ids": [],
+                        "model": "m", "engine": "e", "seed": 0, "sampling": {}}}))
+
+    class OtherNode:
+        def results(self, batches):
+            yield BatchResult(index=0, records=[stranger], tokens=0, seconds=0.0, worker="worker-0")
+
+    store = JsonlStore(workdir / "out.jsonl", SFTRecord, stage="critique", config={})
+    with pytest.raises(CaiError, match="which batch 0 does not hold"), store:
+        drive(OtherNode(), [Batch(0, ["expected-id"], [])], store, tqdm(disable=True))
+    assert len(store) == 0
