@@ -29,6 +29,9 @@ MAX_RESTARTS = 3
 MAX_TASK_RETRIES = 3
 # Batches queued on each actor: one running, one waiting, so an actor never idles between batches.
 IN_FLIGHT_PER_WORKER = 2
+# The driver waits in slices this long: a blocking ray.wait/ray.get would hold off Ctrl-C and any
+# other signal handler until a batch (or an engine load) is done.
+POLL_SECONDS = 1.0
 
 
 class BatchWorker:
@@ -110,16 +113,25 @@ class RayExecutor:
             for actor in self.actors:
                 submit(actor)
         while in_flight:
-            (ref,), _ = self.ray.wait(list(in_flight), num_returns=1)
+            ref = self._first_ready(list(in_flight), 1)[0]
             actor = in_flight.pop(ref)
             result = self._get(ref)
             submit(actor)
             yield result
 
+    def _first_ready(self, refs: list[Any], n: int) -> list[Any]:
+        """The first `n` of `refs` to finish, waiting in slices so signals get through."""
+        while True:
+            ready, _ = self.ray.wait(refs, num_returns=n, timeout=POLL_SECONDS)
+            if len(ready) == n:
+                return ready
+
     def _get(self, refs: Any) -> Any:
         """ray.get, with a CaiError raised in a worker (a bad config, a model that will not load)
         re-raised as itself and a worker dead past its restarts as one paragraph."""
         ray = self.ray
+        many = isinstance(refs, list)
+        self._first_ready(refs if many else [refs], len(refs) if many else 1)
         try:
             return ray.get(refs)
         except ray.exceptions.RayTaskError as e:
