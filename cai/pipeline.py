@@ -147,7 +147,7 @@ class Stage(ABC):
 
 
 # Where a data stage runs does not change its rows, so it is not part of the stage's key.
-EXECUTOR_FIELDS = ("executor", "ray_address", "ray_workers", "ray_gpus_per_worker")
+EXECUTOR_FIELDS = ("executor", "ray_address", "ray_workers", "ray_gpus_per_worker", "ray_cpus_per_worker")
 
 
 def _local_engine(config: Any, ctx: RunContext) -> Any:

@@ -84,11 +84,13 @@ def test_executor_flags_reach_the_configs(workdir: Path) -> None:
     from cai.cli.cmd_label import _LABEL_FLAGS, build_config
     from cai.stages.label import LabelConfig
 
-    ray_flags = ["--executor", "ray", "--ray-address", "auto", "--ray-workers", "4", "--ray-gpus-per-worker", "2"]
+    ray_flags = ["--executor", "ray", "--ray-address", "auto", "--ray-workers", "4", "--ray-gpus-per-worker", "2",
+                 "--ray-cpus-per-worker", "3"]
     args = build_parser().parse_args(["generate", "--prompts", "p.jsonl", "--constitution", "c.yaml", "--out", "o.jsonl",
                                       *ray_flags])
     got = load_config(args)
-    assert (got.executor, got.ray_address, got.ray_workers, got.ray_gpus_per_worker) == ("ray", "auto", 4, 2.0)
+    assert (got.executor, got.ray_address, got.ray_workers, got.ray_gpus_per_worker, got.ray_cpus_per_worker) == (
+        "ray", "auto", 4, 2.0, 3)
     args = build_parser().parse_args(["label", "--pairs", "p.jsonl", "--constitution", "c.yaml", "--out", "o.jsonl",
                                       *ray_flags])
     got = build_config(args, LabelConfig, _LABEL_FLAGS, ("constitution", "out"), "cai label")

@@ -16,6 +16,8 @@ EXECUTOR_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--ray-workers": ("ray_workers", int, "with --executor ray: actors, each with its own engine (default 1)"),
     "--ray-gpus-per-worker": ("ray_gpus_per_worker", float,
                               "with --executor ray: GPUs per actor, = tensor_parallel_size for vllm (default 0)"),
+    "--ray-cpus-per-worker": ("ray_cpus_per_worker", int,
+                              "with --executor ray: CPUs (and torch threads) per actor (default 1)"),
 }
 
 

@@ -40,6 +40,7 @@ class ExecutorSettings(BaseModel):
         None, description="None: start a local Ray; 'auto': the running cluster; or ray://host:port")
     ray_workers: int = Field(1, ge=1, description="Ray actors, each with its own engine")
     ray_gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per actor (vLLM: = tensor_parallel_size)")
+    ray_cpus_per_worker: int = Field(1, ge=1, description="CPUs per actor; Ray also sets its torch threads to this")
 
     def executor_settings(self) -> ExecutorSettings:
         return ExecutorSettings.model_validate({k: getattr(self, k) for k in ExecutorSettings.model_fields})

@@ -89,7 +89,7 @@ class RayExecutor:
         # Named (per run) so that `ray list actors` and the tests can find each worker.
         self.names = [f"cai-{run}-worker-{i}" for i in range(settings.ray_workers)]
         self.actors = [
-            actor.options(name=name, num_cpus=1, num_gpus=settings.ray_gpus_per_worker, max_restarts=MAX_RESTARTS,
+            actor.options(name=name, num_cpus=settings.ray_cpus_per_worker, num_gpus=settings.ray_gpus_per_worker, max_restarts=MAX_RESTARTS,
                           max_task_retries=MAX_TASK_RETRIES).remote(spec, f"worker-{i}")
             for i, name in enumerate(self.names)
         ]
