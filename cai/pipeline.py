@@ -151,13 +151,23 @@ class Stage(ABC):
         """Run (or resume) the stage; returns its summary."""
 
 
+# Where a data stage runs does not change its rows, so it is not part of the stage's key.
+EXECUTOR_FIELDS = ("executor", "ray_address", "ray_workers", "ray_gpus_per_worker", "ray_cpus_per_worker")
+
+
+def _local_engine(config: Any, ctx: RunContext) -> Any:
+    """The pipeline's shared engine for a data stage run in this process; None under Ray, whose
+    actors build their own."""
+    return None if config.executor == "ray" else ctx.engine(config.engine, config.model, config.engine_options)
+
+
 def _file(path: Path | str | None) -> list[Path]:
     return [Path(path)] if path is not None else []
 
 
 class GenerateStage(Stage):
     name, title = "generate", "critique-revise"
-    volatile = frozenset({"batch_size", "force"})
+    volatile = frozenset({"batch_size", "force", *EXECUTOR_FIELDS})
 
     def config_class(self) -> type[BaseModel]:
         from cai.stages.critique import CritiqueConfig
@@ -180,13 +190,12 @@ class GenerateStage(Stage):
     def run(self, config: Any, ctx: RunContext) -> BaseModel:
         from cai.stages.critique import run_critique
 
-        engine = ctx.engine(config.engine, config.model, config.engine_options)
-        return run_critique(config, engine=engine, progress=ctx.progress)
+        return run_critique(config, engine=_local_engine(config, ctx), progress=ctx.progress)
 
 
 class LabelStage(Stage):
     name, title, after = "label", "AI feedback labels", ("generate",)
-    volatile = frozenset({"batch_size", "force"})
+    volatile = frozenset({"batch_size", "force", *EXECUTOR_FIELDS})
 
     def config_class(self) -> type[BaseModel]:
         from cai.stages.label import LabelConfig
@@ -210,8 +219,7 @@ class LabelStage(Stage):
     def run(self, config: Any, ctx: RunContext) -> BaseModel:
         from cai.stages.label import run_label
 
-        engine = ctx.engine(config.engine, config.model, config.engine_options)
-        return run_label(config, engine=engine, progress=ctx.progress)
+        return run_label(config, engine=_local_engine(config, ctx), progress=ctx.progress)
 
 
 class LabelEvalStage(Stage):

@@ -60,6 +60,7 @@ class Flags(BaseModel):
     copied_few_shot: bool = False  # some step's revision copied words from the few-shot dialogues
     prompt_too_long: bool = False  # some prompt of the row did not fit the model's context (cut or skipped)
     empty_prompt: bool = False  # some prompt of the row had no tokens (not run)
+    error: str | None = None  # the engine refused this row even on its own (written once, not retried)
 
     def kinds(self) -> list[str]:
         return [name for name, value in self.model_dump().items() if value]

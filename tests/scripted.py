@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from cai.conversation import HH_STOP, to_hh
@@ -14,15 +15,17 @@ Rule = Callable[[str, int], "tuple[str, str] | None"]  # (prompt, seed) -> (text
 class ScriptedEngine:
     """Answers from `rules` (first match wins), else a pseudo-random word string keyed by (prompt, seed).
 
-    `fail_after` raises after that many generate() calls, to simulate a crash mid-run.
+    `fail_after` raises after that many generate() calls, to simulate a crash mid-run; `delay` seconds
+    of sleep per call keep a run going long enough to kill one of its workers.
     """
 
     name = "scripted"
     model_id = "scripted-v1"
 
-    def __init__(self, rules: list[Rule] | None = None, fail_after: int | None = None):
+    def __init__(self, rules: list[Rule] | None = None, fail_after: int | None = None, delay: float = 0.0):
         self.rules = rules or []
         self.fail_after = fail_after
+        self.delay = delay
         self.calls: list[int] = []  # batch size of each generate call
 
     @property
@@ -36,6 +39,7 @@ class ScriptedEngine:
         if self.fail_after is not None and len(self.calls) >= self.fail_after:
             raise RuntimeError("simulated crash")
         self.calls.append(len(prompts))
+        time.sleep(self.delay)
         seeds = seeds if seeds is not None else [sampling.seed + i for i in range(len(prompts))]
         out = []
         for prompt, seed in zip(prompts, seeds):

@@ -278,8 +278,8 @@ def test_a_second_process_cannot_train_into_a_run_dir_in_use(tiny_model_dir, pai
 
     out = tmp_path / "rm-run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from cai.locking import hold_run_dir; hold_run_dir(sys.argv[1]); "
-         "print('held', flush=True); sys.stdin.read()", str(out)],
+        [sys.executable, "-c", ("import sys; from cai.locking import hold_run_dir; hold_run_dir(sys.argv[1]); "
+                                "print('held', flush=True); sys.stdin.read()"), str(out)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:

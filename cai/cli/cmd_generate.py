@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cai.cli.config_args import EXECUTOR_FLAGS
 from cai.stages.critique import CritiqueConfig
 from cai.stages.flag_filter import FLAG_NAMES
 
@@ -25,6 +26,7 @@ _FLAGS = {  # CLI flag -> (config field, type, help)
     "--seed": ("seed", int, "run seed (default 0)"),
     "--limit": ("limit", int, "only the first N prompts"),
     "--shard": ("shard", str, "i/n: this machine's share of the prompts"),
+    **EXECUTOR_FLAGS,
 }
 
 

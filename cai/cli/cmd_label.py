@@ -8,6 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from cai.cli.config_args import EXECUTOR_FLAGS
+
 GROUP = None
 
 # CLI flag -> (config field, type, help); shared by both commands
@@ -35,6 +37,7 @@ _LABEL_FLAGS = {
     "--policy-top-p": ("policy_top_p", float, "policy nucleus sampling (default 1.0)"),
     "--policy-max-new-tokens": ("policy_max_new_tokens", int, "policy response length (default 128)"),
     **_LABELER_FLAGS,
+    **EXECUTOR_FLAGS,
 }
 _EVAL_FLAGS = {
     "--pairs": ("pairs", str, "human pairs: HH-RLHF chosen/rejected transcripts or prompt/chosen/rejected"),

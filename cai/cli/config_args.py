@@ -9,6 +9,17 @@ from pydantic import BaseModel, ValidationError
 
 from cai.errors import CaiError
 
+# The data stages' executor flags: CLI flag -> (config field, type, help)
+EXECUTOR_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--executor": ("executor", str, "local (default: this process) or ray (Ray actors, one engine each)"),
+    "--ray-address": ("ray_address", str, "with --executor ray: auto = the running cluster (default: start a local Ray)"),
+    "--ray-workers": ("ray_workers", int, "with --executor ray: actors, each with its own engine (default 1)"),
+    "--ray-gpus-per-worker": ("ray_gpus_per_worker", float,
+                              "with --executor ray: GPUs per actor, = tensor_parallel_size for vllm (default 0)"),
+    "--ray-cpus-per-worker": ("ray_cpus_per_worker", int,
+                              "with --executor ray: CPUs (and torch threads) per actor (default 1)"),
+}
+
 
 def config_from_args(args: argparse.Namespace, model: type[BaseModel], fields: list[str],
                      required: tuple[str, ...], command: str) -> Any:

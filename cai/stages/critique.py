@@ -2,8 +2,9 @@
 
 Per batch of prompts the engine sees whole batches: all initial responses, then round by round
 all critiques and all revisions. Each row's randomness (its principles and every sampling seed)
-is derived from the run seed and the row's own content, so a resumed or sharded run writes
-exactly the rows an uninterrupted run would.
+is derived from the run seed and the row's own content, and batches are fixed by row position
+(cai/executors/base.py), so a resumed run writes exactly the rows an uninterrupted run would,
+and a Ray run exactly the rows of a local one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +25,8 @@ from cai.constitution import Constitution, Principle, load_constitution
 from cai.conversation import Message, as_dicts
 from cai.engines.base import Engine, Generation, SamplingConfig, engine_details, engine_fingerprint
 from cai.errors import CaiError
+from cai.executors import Batch, ExecutorSettings, RunStats, drive, open_executor
+from cai.executors.base import EngineInfo, WorkerStats, plan_batches
 from cai.hashing import record_id, sha256_of
 from cai.locking import check_free
 from cai.prompts import (
@@ -36,7 +40,7 @@ from cai.prompts import (
 )
 from cai.records import CritiqueStep, Flags, Provenance, SFTRecord
 from cai.stages.copy_check import CopyCheck, few_shot_texts
-from cai.stages.inputs import load_prompts, parse_shard, shard_indices, shard_spec
+from cai.stages.inputs import load_prompts, parse_shard, shard_spec
 from cai.store import JsonlStore, SourcePlan
 
 # A critique that says one of these (and no problem word) found nothing to fix.
@@ -47,7 +51,7 @@ _NOTHING_FOUND = re.compile(
 )
 
 
-class CritiqueConfig(BaseModel):
+class CritiqueConfig(ExecutorSettings):
     """Settings of `cai generate` (also readable from a YAML config)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -110,6 +114,18 @@ def sample_principles(
     return chosen
 
 
+def select_principles(constitution: Constitution, tags: list[str] | None) -> list[Principle]:
+    principles = constitution.select(tags)
+    if not principles:
+        raise CaiError(f"no principle of {constitution.source_path} has any of the tags {tags}")
+    return principles
+
+
+def row_id(conversation: list[Message], config_hash: str) -> str:
+    """A row's id: known from the prompt and the config alone, before anything is generated."""
+    return record_id(as_dicts(conversation), config_hash)
+
+
 def critique_found_nothing(critique: str) -> bool:
     return bool(_NOTHING_FOUND.search(critique))
 
@@ -150,9 +166,7 @@ class CritiqueStage:
         self.engine = engine
         self.constitution = constitution
         self.few_shot = few_shot
-        self.principles = constitution.select(config.tags)
-        if not self.principles:
-            raise CaiError(f"no principle of {constitution.source_path} has any of the tags {config.tags}")
+        self.principles = select_principles(constitution, config.tags)
         stop = tuple(engine.stop_sequences)
         self.response_sampling = SamplingConfig(
             temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
@@ -170,8 +184,22 @@ class CritiqueStage:
         seed = _row_seed(self.config.seed, conversation)
         rng = random.Random(seed)
         principles = sample_principles(self.principles, self.config.rounds, rng, self.config.with_replacement)
-        rid = record_id(as_dicts(conversation), self.config_hash)
-        return _RowState(index, conversation, rid, seed, principles)
+        return _RowState(index, conversation, row_id(conversation, self.config_hash), seed, principles)
+
+    def engine_info(self) -> EngineInfo:
+        return EngineInfo(name=self.engine.name, model_id=self.engine.model_id, fingerprint=engine_fingerprint(self.engine))
+
+    def run(self, items: list[tuple[int, list[Message]]]) -> list[SFTRecord]:
+        """The rows of one fixed batch of (input position, conversation) items."""
+        return self.run_batch([self.new_row(i, conversation) for i, conversation in items])
+
+    def failed(self, item: tuple[int, list[Message]], error: str) -> list[SFTRecord]:
+        """A prompt the engine refuses even on its own: one row with no responses and the error."""
+        r = self.new_row(*item)
+        r.initial = Generation(text="", prompt_tokens=0, completion_tokens=0, finish_reason="stop")
+        record = self._record(r)
+        record.flags = Flags(empty=True, error=error)
+        return [record]
 
     def _generate(self, rows: list[_RowState], prompts: list[str], sampling: SamplingConfig, seeds: list[int]
                   ) -> list[Generation]:
@@ -261,60 +289,90 @@ class RunSummary(BaseModel):
     rows_total: int
     rows_written: int
     rows_skipped: int
+    rows_failed: int = 0  # written this run with an error flag
     flags: dict[str, int]
     principles: dict[str, int]
     generated_tokens: int
     wall_seconds: float
     tokens_per_second: float
+    workers: list[WorkerStats] = Field(default_factory=list)
 
     def render(self) -> str:
         flags = ", ".join(f"{k}={v}" for k, v in self.flags.items()) or "none"
         principles = ", ".join(f"{k}={v}" for k, v in sorted(self.principles.items(), key=lambda kv: -kv[1]))
+        workers = "".join(f"\n  {w.render()}" for w in self.workers)
         return (
-            f"wrote {self.rows_written} rows to {self.out} ({self.rows_skipped} already there, {self.rows_total} in total)\n"
+            f"wrote {self.rows_written} rows to {self.out} ({self.rows_skipped} already there, {self.rows_total} in total"
+            f"; {self.rows_failed} with an error flag)\n"
             f"flags: {flags}\nprinciples: {principles}\n"
             f"generated tokens: {self.generated_tokens} in {self.wall_seconds:.1f}s ({self.tokens_per_second:.1f} tok/s)"
+            f"{workers}"
         )
 
 
-def run_critique(config: CritiqueConfig, engine: Engine | None = None, progress: bool = True) -> RunSummary:
-    """load -> critique-revise -> write. Resumes from `config.out` if it holds rows of the same config."""
-    from cai.engines import load_engine
+class CritiqueWorker:
+    """The critique stage as each worker opens it: picklable, so a Ray actor can receive it."""
 
+    def __init__(self, config: CritiqueConfig, engine: Engine | None = None,
+                 engine_factory: Callable[[], Engine] | None = None):
+        self.config, self.engine, self.engine_factory = config, engine, engine_factory
+
+    def open(self) -> CritiqueStage:
+        from cai.engines import load_engine
+
+        constitution = load_constitution(self.config.constitution)
+        few_shot = load_few_shot(constitution.few_shot_path)
+        engine = self.engine
+        if engine is None:
+            c = self.config
+            engine = self.engine_factory() if self.engine_factory else load_engine(c.engine, c.model, **c.engine_options)
+        return CritiqueStage(self.config, engine, constitution, few_shot)
+
+
+def run_critique(config: CritiqueConfig, engine: Engine | None = None, progress: bool = True,
+                 engine_factory: Callable[[], Engine] | None = None) -> RunSummary:
+    """load -> critique-revise -> write. Resumes from `config.out` if it holds rows of the same config.
+
+    `engine`: an engine already loaded in this process (local executor only); `engine_factory`: how
+    each worker builds its engine instead of loading the config's (must pickle for Ray). The
+    executor (config.executor) runs the batches; this process alone writes the output."""
     constitution = load_constitution(config.constitution)
     few_shot = load_few_shot(constitution.few_shot_path)
+    select_principles(constitution, config.tags)  # a bad tag fails here, before any worker starts
     conversations = load_prompts(config.prompts, limit=config.limit)
-    indices = shard_indices(len(conversations), parse_shard(config.shard))
+    positions = plan_batches(len(conversations), config.batch_size, parse_shard(config.shard))
     check_free(config.out)  # fail in a second, not after loading a model
-    if engine is None:
-        engine = load_engine(config.engine, config.model, **config.engine_options)
-    stage = CritiqueStage(config, engine, constitution, few_shot)
-    rows = [stage.new_row(i, conversations[i]) for i in indices]
-
-    store = JsonlStore(config.out, SFTRecord, stage="critique", config=stage.fingerprint, force=config.force,
-                       source=SourcePlan(input=str(config.prompts), rows=len(conversations), shard=shard_spec(config.shard)))
-    todo = [r for r in rows if r.id not in store]
-    skipped = len(rows) - len(todo)
+    executor = open_executor(config.executor_settings(), CritiqueWorker(config, engine, engine_factory))
     start = time.perf_counter()
-    bar = tqdm(total=len(rows), initial=skipped, desc="critique-revise", unit="row", disable=not progress)
-    written = 0
-    with store:
-        for b in range(0, len(todo), config.batch_size):
-            for record in stage.run_batch(todo[b : b + config.batch_size]):
-                store.append(record)
-                written += 1
-            elapsed = time.perf_counter() - start
-            bar.update(min(config.batch_size, len(todo) - b))
-            bar.set_postfix(rows_s=f"{written / elapsed:.2f}", tok_s=f"{stage.tokens / elapsed:.1f}")
-        bar.close()
-        records = [r for r in store.records() if r.id in {row.id for row in rows}]
-    wall = time.perf_counter() - start
+    try:
+        info = executor.engine_info()
+        fingerprint = {**config.fingerprint(constitution, few_shot, info.model_id), **info.fingerprint}
+        config_hash = sha256_of(fingerprint)[:16]
+        batches = [Batch(k, [row_id(conversations[i], config_hash) for i in idx], [(i, conversations[i]) for i in idx])
+                   for k, idx in enumerate(positions)]
+        run_ids = {rid for b in batches for rid in b.ids}
+        store = JsonlStore(config.out, SFTRecord, stage="critique", config=fingerprint, force=config.force,
+                           source=SourcePlan(input=str(config.prompts), rows=len(conversations), shard=shard_spec(config.shard)))
+        skipped = len(run_ids & store.ids)
+        with store:
+            bar = tqdm(total=len(run_ids), initial=skipped, desc="critique-revise", unit="row", disable=not progress)
+            stats = drive(executor, [b for b in batches if not all(rid in store for rid in b.ids)], store, bar)
+            bar.close()
+            records = [r for r in store.records() if r.id in run_ids]
+    finally:
+        executor.close()
+    return _summarize(config, records, stats, skipped, time.perf_counter() - start)
+
+
+def _summarize(config: CritiqueConfig, records: list[SFTRecord], stats: RunStats, skipped: int, wall: float
+               ) -> RunSummary:
     flag_counts = Counter(k for r in records for k in r.flags.kinds())
     principle_counts = Counter(s.principle_id for r in records for s in r.steps)
     summary = RunSummary(
-        out=str(config.out), rows_total=len(records), rows_written=written, rows_skipped=skipped,
-        flags=dict(flag_counts), principles=dict(principle_counts), generated_tokens=stage.tokens,
-        wall_seconds=round(wall, 2), tokens_per_second=round(stage.tokens / wall, 2) if wall > 0 else 0.0,
+        out=str(config.out), rows_total=len(records), rows_written=stats.written, rows_skipped=skipped,
+        rows_failed=stats.errors, flags=dict(flag_counts), principles=dict(principle_counts),
+        generated_tokens=stats.tokens, wall_seconds=round(wall, 2),
+        tokens_per_second=round(stats.tokens / wall, 2) if wall > 0 else 0.0, workers=stats.workers,
     )
     Path(f"{config.out}.summary.json").write_text(summary.model_dump_json(indent=2))
     return summary

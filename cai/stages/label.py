@@ -20,6 +20,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,8 @@ from cai.conversation import Message, as_dicts
 from cai.engines import split_gpu_share
 from cai.engines.base import Engine, SamplingConfig, engine_details, engine_fingerprint, row_flag
 from cai.errors import CaiError
+from cai.executors import Batch, ExecutorSettings, drive, open_executor
+from cai.executors.base import EngineInfo, WorkerStats, plan_batches
 from cai.hashing import record_id, sha256_of
 from cai.locking import check_free
 from cai.prompts import (
@@ -139,7 +142,7 @@ class LabelerSettings(BaseModel):
         }
 
 
-class LabelConfig(LabelerSettings):
+class LabelConfig(LabelerSettings, ExecutorSettings):
     """Settings of `cai label`: exactly one of pairs / critique / prompts is the input."""
 
     pairs: Path | None = Field(None, description="JSONL of prompt/response_a/response_b (or prompt/chosen/rejected)")
@@ -214,6 +217,7 @@ class LabelRecord(BaseModel):
     mode: Mode
     human_choice: Literal["A", "B"] | None = Field(None, description="label eval only: the human's pick")
     flags: list[str] = Field(default_factory=list, description="RowFlags of any of its prompts")
+    error: str | None = Field(None, description="the engine refused this pair even on its own; no label")
     provenance: Provenance
 
     def preference(self, source: str) -> PreferenceRow:
@@ -245,6 +249,7 @@ class Labeler:
             stop=tuple(engine.stop_sequences), seed=settings.seed,
         )
         self.calls = 0  # engine calls, for tests and progress
+        self.tokens = 0  # reasoning tokens generated (chain-of-thought mode)
 
     def principles_for(self, pair: Pair) -> list[Principle]:
         """All selected principles, or k of them drawn by weight with a seed from the pair's content."""
@@ -273,6 +278,7 @@ class Labeler:
                      for i, p in jobs for swapped in (False, True)]
             gens = self.engine.generate(prompts, self.cot_sampling, seeds=seeds)
             self.calls += 1
+            self.tokens += sum(g.completion_tokens for g in gens)
             reasoning = [g.text.strip() for g in gens]
             flags = [{g.flag} if g.flag else set() for g in gens]
             prompts = [prompt + g.text + self._cue() for prompt, g in zip(prompts, gens)]
@@ -317,6 +323,22 @@ class Labeler:
         )
 
 
+    def failed_record(self, rid: str, pair: Pair, source: str, error: str) -> LabelRecord:
+        """A pair the engine refuses even on its own: written once, with label_prob 0.5 and the error."""
+        a = [Message(role="assistant", content=pair.response_a)]
+        b = [Message(role="assistant", content=pair.response_b)]
+        return LabelRecord(
+            id=rid, source=source, source_index=pair.source_index, source_id=pair.source_id,  # type: ignore[arg-type]
+            prompt=pair.prompt, response_a=pair.response_a, response_b=pair.response_b, label_prob=0.5,
+            chosen=a, rejected=b, principles=[], position_consistent=False, mode=self.settings.mode, error=error,
+            provenance=Provenance(
+                constitution_name=self.constitution.name, constitution_sha256=self.constitution.sha256,
+                principle_ids=[], model=self.engine.model_id, engine=self.engine.name, seed=self.settings.seed,
+                sampling=self.settings.labeler_params(), cai_version=__version__,
+            ),
+        )
+
+
 def metrics_of(records: list[LabelRecord]) -> LabelMetrics:
     return label_metrics(
         [r.label_prob for r in records],
@@ -338,6 +360,12 @@ def load_labeler(settings: LabelerSettings, engine: Engine | None) -> Labeler:
     return Labeler(settings, engine, constitution, templates)
 
 
+def judge_records(labeler: Labeler, todo: list[tuple[str, Pair, dict[str, Any]]], source: str) -> list[LabelRecord]:
+    """(id, pair, record extras) items -> their rows, in one judge call."""
+    judged = labeler.judge([pair for _, pair, _ in todo])
+    return [labeler.record(rid, pair, labels, source, **extra) for (rid, pair, extra), labels in zip(todo, judged)]
+
+
 def label_into(
     labeler: Labeler, store: JsonlStore, todo: list[tuple[str, Pair, dict[str, Any]]], source: str,
     batch_size: int, bar: tqdm | None = None,
@@ -346,8 +374,8 @@ def label_into(
     written = 0
     for b in range(0, len(todo), batch_size):
         batch = todo[b : b + batch_size]
-        for (rid, pair, extra), labels in zip(batch, labeler.judge([pair for _, pair, _ in batch])):
-            store.append(labeler.record(rid, pair, labels, source, **extra))
+        for record in judge_records(labeler, batch, source):
+            store.append(record)
             written += 1
         if bar is not None:
             bar.update(len(batch))
@@ -363,11 +391,13 @@ class LabelSummary(BaseModel):
     rows_total: int
     rows_written: int
     rows_skipped: int
+    rows_failed: int = 0  # written this run with an error flag
     identical_skipped: int  # pairs whose two responses are the same text carry no preference
     wall_seconds: float
     seconds_per_pair: float | None  # wall time / rows written this run
     metrics: LabelMetrics
     flags: dict[str, int] = Field(default_factory=dict, description="rows per RowFlag (prompts cut or not run)")
+    workers: list[WorkerStats] = Field(default_factory=list)
 
     def render(self) -> str:
         m = self.metrics
@@ -375,13 +405,15 @@ class LabelSummary(BaseModel):
         per_pair = "n/a" if self.seconds_per_pair is None else f"{self.seconds_per_pair:.2f}s"
         return (
             f"wrote {self.rows_written} rows to {self.out} ({self.rows_skipped} already there, "
-            f"{self.rows_total} in total; {self.identical_skipped} pairs with identical responses skipped)\n"
+            f"{self.rows_total} in total; {self.identical_skipped} pairs with identical responses skipped; "
+            f"{self.rows_failed} with an error flag)\n"
             f"position-bias rate {m.position_bias_rate:.3f} over {m.judgements} judgements; "
             f"consistent pairs {m.position_consistent_pairs:.3f}\n"
             f"mean confidence |2p-1| {m.mean_confidence:.3f}; mean entropy {m.mean_entropy_bits:.3f} bits; "
             f"principle agreement {agree}; mean label_prob {m.label_prob_mean:.3f}\n"
             f"wall {self.wall_seconds:.1f}s ({per_pair} per pair)"
             + (f"\nflags: {', '.join(f'{k}={v}' for k, v in sorted(self.flags.items()))}" if self.flags else "")
+            + "".join(f"\n  {w.render()}" for w in self.workers)
         )
 
 
@@ -389,105 +421,161 @@ def _norm(text: str) -> str:
     return " ".join(text.split())
 
 
-def _policy_rows(config: LabelConfig, conversations: list[list[Message]], config_hash: str
-                 ) -> list[tuple[int, list[Message], list[str]]]:
-    """(input index, conversation, ids of its sample pairs) of this shard: ids are known before sampling,
-    so a resumed run samples only the prompts it has not finished."""
-    from cai.stages.inputs import parse_shard, shard_indices
-
-    index_pairs = sample_index_pairs(config.samples)
-    return [
-        (i, conversations[i], [record_id(as_dicts(conversations[i]), s, t, config_hash) for s, t in index_pairs])
-        for i in shard_indices(len(conversations), parse_shard(config.shard))
-    ]
+def policy_ids(conversation: list[Message], samples: int, config_hash: str) -> list[str]:
+    """Ids of the sample pairs of one prompt: known before sampling, so a resumed run samples only
+    the prompts it has not finished."""
+    return [record_id(as_dicts(conversation), s, t, config_hash) for s, t in sample_index_pairs(samples)]
 
 
-def _label_policy(config: LabelConfig, labeler: Labeler, policy: Engine, store: JsonlStore,
-                  rows: list[tuple[int, list[Message], list[str]]], progress: bool) -> tuple[int, int]:
-    """Sample `config.samples` responses per prompt, label every two of them; returns (written, identical)."""
-    index_pairs = sample_index_pairs(config.samples)
-    sampling = SamplingConfig(
-        temperature=config.policy_temperature, top_p=config.policy_top_p,
-        max_new_tokens=config.policy_max_new_tokens, stop=tuple(policy.stop_sequences), seed=config.seed,
-    )
-    todo_rows = [r for r in rows if not all(rid in store for rid in r[2])]
-    written = identical = 0
-    bar = tqdm(total=len(rows), initial=len(rows) - len(todo_rows), desc="sample + label", unit="prompt",
-               disable=not progress)
-    for b in range(0, len(todo_rows), config.batch_size):
-        batch = todo_rows[b : b + config.batch_size]
-        seeds = [row_seed(config.seed, "policy", as_dicts(conv)) for _, conv, _ in batch]
-        samples = sample_responses(policy, [conv for _, conv, _ in batch], config.samples, sampling, seeds)
+class LabelRunner:
+    """`cai label` bound to its engines on one worker: one fixed batch of inputs -> its rows."""
+
+    def __init__(self, config: LabelConfig, labeler: Labeler, policy: Engine | None, config_hash: str):
+        self.config, self.labeler, self.policy, self.config_hash = config, labeler, policy, config_hash
+        if policy is not None:
+            self.sampling = SamplingConfig(
+                temperature=config.policy_temperature, top_p=config.policy_top_p,
+                max_new_tokens=config.policy_max_new_tokens, stop=tuple(policy.stop_sequences), seed=config.seed,
+            )
+
+    @property
+    def tokens(self) -> int:
+        return self.labeler.tokens
+
+    def engine_info(self) -> EngineInfo:
+        engine = self.labeler.engine
+        return EngineInfo(name=engine.name, model_id=engine.model_id, fingerprint=engine_fingerprint(engine))
+
+    def run(self, items: list[tuple[int, Any]]) -> list[LabelRecord]:
+        """Items are (input position, pair), or (input position, conversation) for policy samples."""
+        if self.config.source == "policy":
+            return self._run_policy(items)
+        return self._label([(record_id(pair.key(), self.config_hash), pair, {}) for _, pair in items])
+
+    def _label(self, todo: list[tuple[str, Pair, dict[str, Any]]]) -> list[LabelRecord]:
+        size = self.config.batch_size
+        return [r for b in range(0, len(todo), size) for r in judge_records(self.labeler, todo[b:b + size],
+                                                                             self.config.source)]
+
+    def _run_policy(self, items: list[tuple[int, list[Message]]]) -> list[LabelRecord]:
+        """Sample `samples` responses per prompt, then label every two of them (identical ones carry
+        no preference and get no row)."""
+        c = self.config
+        assert self.policy is not None
+        seeds = [row_seed(c.seed, "policy", as_dicts(conv)) for _, conv in items]
+        samples = sample_responses(self.policy, [conv for _, conv in items], c.samples, self.sampling, seeds)
         todo = []
-        for (i, conv, ids), texts in zip(batch, samples):
-            for rid, (s, t) in zip(ids, index_pairs):
-                if rid in store:
-                    continue
-                if _norm(texts[s]) == _norm(texts[t]):
-                    identical += 1
-                    continue
-                pair = Pair(prompt=conv, response_a=texts[s], response_b=texts[t], source_index=i + 1)
-                extra = {"policy": config.policy_sampling(), "policy_samples": [s, t]}
-                todo.append((rid, pair, {"sampling_extra": extra}))
-        written += label_into(labeler, store, todo, "policy", config.batch_size)
-        bar.update(len(batch))
-    bar.close()
-    return written, identical
+        for (i, conv), texts in zip(items, samples):
+            for rid, (s, t) in zip(policy_ids(conv, c.samples, self.config_hash), sample_index_pairs(c.samples)):
+                if _norm(texts[s]) != _norm(texts[t]):
+                    pair = Pair(prompt=conv, response_a=texts[s], response_b=texts[t], source_index=i + 1)
+                    extra = {"policy": c.policy_sampling(), "policy_samples": [s, t]}
+                    todo.append((rid, pair, {"sampling_extra": extra}))
+        return self._label(todo)
+
+    def failed(self, item: tuple[int, Any], error: str) -> list[LabelRecord]:
+        i, what = item
+        if self.config.source != "policy":
+            return [self.labeler.failed_record(record_id(what.key(), self.config_hash), what, self.config.source, error)]
+        pair = Pair(prompt=what, response_a="", response_b="", source_index=i + 1)
+        return [self.labeler.failed_record(rid, pair, "policy", error)
+                for rid in policy_ids(what, self.config.samples, self.config_hash)]
+
+
+class LabelWorker:
+    """`cai label` as each worker opens it: picklable (engines already loaded here stay local)."""
+
+    def __init__(self, config: LabelConfig, engine: Engine | None = None, policy_engine: Engine | None = None,
+                 engine_factory: Callable[[], Engine] | None = None):
+        self.config, self.engine, self.policy_engine = config, engine, policy_engine
+        self.engine_factory = engine_factory
+
+    def open(self) -> LabelRunner:
+        from cai.engines import load_engine
+
+        c = self.config
+        # a policy model of its own means two engines alive at once: on vLLM each takes its share of the
+        # GPU at start, so they split the configured share (else the second one cannot start)
+        both = c.source == "policy" and c.policy_model is not None and self.engine is None and self.policy_engine is None
+        options = split_gpu_share(c.engine, c.engine_options, 2 if both else 1)
+        engine = self.engine or (self.engine_factory() if self.engine_factory else None)
+        labeler = load_labeler(c.model_copy(update={"engine_options": options}), engine)
+        policy = None
+        if c.source == "policy":
+            policy = self.policy_engine or labeler.engine
+            if self.policy_engine is None and c.policy_model is not None:
+                policy = load_engine(c.engine, c.policy_model, **options)
+        fingerprint = {**c.fingerprint(labeler.constitution, labeler.templates, labeler.engine.model_id),
+                       **engine_fingerprint(labeler.engine)}
+        return LabelRunner(c, labeler, policy, sha256_of(fingerprint)[:16])
+
+
+def _load_items(config: LabelConfig) -> list[Any]:
+    """The input: conversations (policy source) or pairs."""
+    from cai.stages.inputs import load_prompts
+
+    if config.source == "policy":
+        assert config.prompts is not None
+        return load_prompts(config.prompts, limit=config.limit)  # type: ignore[return-value]
+    path = config.pairs if config.source == "pairs" else config.critique
+    assert path is not None
+    return (read_label_pairs if config.source == "pairs" else read_critique_pairs)(path, limit=config.limit)
+
+
+def _batches(config: LabelConfig, items: list[Any], config_hash: str) -> tuple[list[Batch], int]:
+    """This shard's fixed batches (by input position) and how many input pairs were identical."""
+    from cai.stages.inputs import parse_shard
+
+    batches, identical = [], 0
+    for k, idx in enumerate(plan_batches(len(items), config.batch_size, parse_shard(config.shard))):
+        if config.source == "policy":
+            ids = [rid for i in idx for rid in policy_ids(items[i], config.samples, config_hash)]
+            batches.append(Batch(k, ids, [(i, items[i]) for i in idx]))
+            continue
+        keep = [i for i in idx if _norm(items[i].response_a) != _norm(items[i].response_b)]
+        identical += len(idx) - len(keep)
+        if keep:
+            batches.append(Batch(k, [record_id(items[i].key(), config_hash) for i in keep], [(i, items[i]) for i in keep]))
+    return batches, identical
 
 
 def run_label(config: LabelConfig, engine: Engine | None = None, policy_engine: Engine | None = None,
-              progress: bool = True) -> LabelSummary:
-    """load -> (sample) -> label -> write, resuming from `config.out`; metrics to <out>.metrics.json."""
-    from cai.stages.inputs import load_prompts, parse_shard, shard_indices
+              progress: bool = True, engine_factory: Callable[[], Engine] | None = None) -> LabelSummary:
+    """load -> (sample) -> label -> write, resuming from `config.out`; metrics to <out>.metrics.json.
 
-    # Read the input before loading a model, so a bad file fails in a second, not after a minute.
-    if config.source == "policy":
-        assert config.prompts is not None
-        conversations = load_prompts(config.prompts, limit=config.limit)
-    else:
-        path = config.pairs if config.source == "pairs" else config.critique
-        assert path is not None
-        pairs = (read_label_pairs if config.source == "pairs" else read_critique_pairs)(path, limit=config.limit)
-    check_free(config.out)  # fail in a second, not after loading a model
-    # a policy model of its own means two engines alive at once: on vLLM each takes its share of the
-    # GPU at start, so they split the configured share (else the second one cannot start)
-    both = config.source == "policy" and config.policy_model is not None and engine is None and policy_engine is None
-    options = split_gpu_share(config.engine, config.engine_options, 2 if both else 1)
-    labeler = load_labeler(config.model_copy(update={"engine_options": options}), engine)
-    fingerprint = {**config.fingerprint(labeler.constitution, labeler.templates, labeler.engine.model_id),
-                   **engine_fingerprint(labeler.engine)}
-    config_hash = sha256_of(fingerprint)[:16]
-    if config.source == "policy":
-        rows = _policy_rows(config, conversations, config_hash)
-        run_ids = {rid for _, _, ids in rows for rid in ids}
-    else:
-        keep = [pairs[i] for i in shard_indices(len(pairs), parse_shard(config.shard))]
-        todo = [(record_id(p.key(), config_hash), p, {}) for p in keep if _norm(p.response_a) != _norm(p.response_b)]
-        identical = len(keep) - len(todo)
-        run_ids = {rid for rid, _, _ in todo}
-    store = JsonlStore(config.out, LabelRecord, stage="label", config=fingerprint, force=config.force)
-    skipped = len(run_ids & store.ids)
+    `engine` / `policy_engine`: engines already loaded in this process (local executor only);
+    `engine_factory`: how each worker builds the labeler engine instead (must pickle for Ray)."""
+    from cai.stages.critique import select_principles
+
+    constitution = load_constitution(config.constitution)
+    templates = load_feedback_templates(config.feedback_templates)
+    select_principles(constitution, config.tags)
+    items = _load_items(config)  # before loading a model, so a bad file fails in a second, not after a minute
+    check_free(config.out)  # likewise: another process writing the output stops this one now
+    executor = open_executor(config.executor_settings(), LabelWorker(config, engine, policy_engine, engine_factory))
     start = time.perf_counter()
-    with store:
-        if config.source == "policy":
-            if policy_engine is None and config.policy_model is not None:
-                from cai.engines import load_engine
-
-                policy_engine = load_engine(config.engine, config.policy_model, **options)
-            written, identical = _label_policy(
-                config, labeler, policy_engine or labeler.engine, store, rows, progress
-            )
-        else:
-            todo = [t for t in todo if t[0] not in store]
+    try:
+        info = executor.engine_info()
+        fingerprint = {**config.fingerprint(constitution, templates, info.model_id), **info.fingerprint}
+        batches, identical = _batches(config, items, sha256_of(fingerprint)[:16])
+        run_ids = {rid for b in batches for rid in b.ids}
+        store = JsonlStore(config.out, LabelRecord, stage="label", config=fingerprint, force=config.force)
+        skipped = len(run_ids & store.ids)
+        with store:
             bar = tqdm(total=len(run_ids), initial=skipped, desc="label", unit="pair", disable=not progress)
-            written = label_into(labeler, store, todo, config.source, config.batch_size, bar)
+            stats = drive(executor, [b for b in batches if not all(rid in store for rid in b.ids)], store, bar)
             bar.close()
-        records = [r for r in store.records() if r.id in run_ids]
+            records = [r for r in store.records() if r.id in run_ids]
+    finally:
+        executor.close()
+    if config.source == "policy":  # the pairs of two identical samples are the ids never written
+        identical = len(run_ids) - len(records)
     wall = time.perf_counter() - start
     summary = LabelSummary(
-        out=str(config.out), rows_total=len(records), rows_written=written, rows_skipped=skipped,
-        identical_skipped=identical, wall_seconds=round(wall, 3),
-        seconds_per_pair=round(wall / written, 3) if written else None, metrics=metrics_of(records),
+        out=str(config.out), rows_total=len(records), rows_written=stats.written, rows_skipped=skipped,
+        rows_failed=stats.errors, identical_skipped=identical, wall_seconds=round(wall, 3),
+        seconds_per_pair=round(wall / stats.written, 3) if stats.written else None,
+        metrics=metrics_of([r for r in records if r.error is None]), workers=stats.workers,
         flags=dict(Counter(f for r in records for f in r.flags)),
     )
     Path(f"{config.out}.metrics.json").write_text(summary.model_dump_json(indent=2))
@@ -496,11 +584,13 @@ def run_label(config: LabelConfig, engine: Engine | None = None, policy_engine: 
 
 def label_tables(path: str | Path) -> dict[str, list[dict[str, Any]]]:
     """Export of a label output: `preferences` (the trainer form, label_prob = P(chosen better),
-    source ai-<constitution name>) and `labels` (every field of every row)."""
+    source ai-<constitution name>; rows with an error flag carry no label and are left out) and `labels`
+    (every field of every row)."""
     records = read_records(Path(path), LabelRecord)
     return {
         "preferences": [
-            r.preference(f"ai-{r.provenance.constitution_name}").model_dump(mode="json") for r in records
+            r.preference(f"ai-{r.provenance.constitution_name}").model_dump(mode="json")
+            for r in records if r.error is None
         ],
         "labels": [r.model_dump(mode="json") for r in records],
     }
