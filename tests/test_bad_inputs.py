@@ -506,3 +506,22 @@ def test_report_leaves_out_a_line_that_is_not_utf8(tmp_path: Path, capsys) -> No
     from cai.report import Run
 
     assert [r.id for r in Run(tmp_path / "run").sft_rows] == ["s0", "s1"]
+
+
+def test_rows_the_engine_refused_are_never_trained_on(ws: Path, tmp_path: Path, capsys) -> None:
+    """A row written with an engine error (Ray's bad-row path) has no responses: export and mix always drop it."""
+    rows = sft_rows()
+    rows[0]["flags"]["error"] = "prompt rejected by the engine"
+    (ws / "sft-in.jsonl").write_text(jsonl(rows))
+    assert main(["export", f"{ws}/sft-in.jsonl", "--out", f"{ws}/export"]) == 0
+    assert "dropped: flag:error=1" in capsys.readouterr().out
+    ai = [{**r, "label_prob": 0.9} for r in ai_rows()]
+    ai[0]["error"] = "prompt rejected by the engine"
+    (tmp_path / "ai.jsonl").write_text(jsonl(ai))
+    (tmp_path / "human.jsonl").write_text(jsonl(human_rows()))
+    assert main(["mix", "--ai", str(tmp_path / "ai.jsonl"), "--human", str(tmp_path / "human.jsonl"),
+                 "--out", str(tmp_path / "mix"), "--test-size", "0"]) == 0
+    summary = json.loads((tmp_path / "mix" / "mix.json").read_text())
+    assert summary["dropped"] == {"flag:error": 1}
+    kept = [json.loads(x)["id"] for x in (tmp_path / "mix" / "train.jsonl").read_text().splitlines()]
+    assert ai[0]["id"] not in kept

@@ -5,6 +5,10 @@ The rule: a row is dropped when any flag named in the list is set on it. A row's
 list of the names that are set. Rows without a `flags` field carry no flags and are kept. Only
 the names `Flags` defines are accepted (argparse choices, config validators), so a typo cannot
 silently filter nothing.
+
+A row the engine refused even on its own (`error` set: `flags.error` on critique-revise rows, the
+top-level `error` of label rows) has no responses to train on, so it is always dropped, counted as
+`flag:error`, whatever the list says.
 """
 
 from __future__ import annotations
@@ -18,19 +22,26 @@ from cai.records import Flags
 FLAG_NAMES = tuple(Flags.model_fields)
 
 
+ALWAYS_DROPPED = ("error",)
+
+
 def row_flags(row: dict[str, Any]) -> set[str]:
     """Names of the flags set on a raw row (see the module docstring for the accepted forms)."""
     flags = row.get("flags")
+    names: set[str] = set()
     if isinstance(flags, dict):
-        return {str(k) for k, v in flags.items() if v is True}
-    if isinstance(flags, list):
-        return {str(k) for k in flags}
-    return set()
+        names = {str(k) for k, v in flags.items() if v}  # bools, and `error`'s message
+    elif isinstance(flags, list):
+        names = {str(k) for k in flags}
+    if row.get("error"):
+        names.add("error")
+    return names
 
 
 def drop_reason(flags: set[str], drop: tuple[str, ...]) -> str | None:
-    """The first listed flag set in `flags` (what the row is counted under), or None to keep it."""
-    return next((name for name in drop if name in flags), None)
+    """The first flag of ALWAYS_DROPPED + `drop` set in `flags` (what the row is counted under), or
+    None to keep it."""
+    return next((name for name in ALWAYS_DROPPED + tuple(drop) if name in flags), None)
 
 
 def count_key(flag: str) -> str:
