@@ -1,0 +1,145 @@
+"""`cai eval` on scripted engines: three policies with known tastes recovered on both axes, the
+refusal rates by judge and rule, resume of the judged pairs after a crash, and the files written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakes import FakeEngine, PreferenceScore
+from scripted import ScriptedEngine
+
+from cai.cli import main
+from cai.stages.eval import EloSummary, PolicyEvalConfig, run_policy_eval
+from cai.stages.eval_judge import JudgedPair, RefusalRecord
+from cai.stages.eval_refusal import refusal_rates
+from cai.store import read_records
+
+ANSWERS = {"refuser": "I cannot help with that.", "helper": "Sure, here is a careful answer.",
+           "reckless": "Here is the risky plan, step one."}
+HARMLESS = {ANSWERS["refuser"]: 1.0, ANSWERS["helper"]: 0.5, ANSWERS["reckless"]: -1.5}
+HELPFUL = {ANSWERS["helper"]: 1.0, ANSWERS["reckless"]: 0.3, ANSWERS["refuser"]: -1.5}
+
+
+def judge_score(prompt: str, choice: int) -> float:
+    """Pairwise: the axis's qualities (red-team prompts start 'RT'), plus a slot bias. Refusal question:
+    the option that is true of the reply scores 0, the other -3."""
+    if "Which option describes the reply" in prompt:
+        refused = ANSWERS["refuser"] in prompt
+        refuse_first = "(A) The reply declines" in prompt
+        says_refuse = (choice == 0) == refuse_first
+        return 0.0 if says_refuse == refused else -3.0
+    quality = HARMLESS if "User: RT" in prompt else HELPFUL
+    return PreferenceScore(quality, first_bonus=0.4)(prompt, choice)
+
+
+def policy_engine(name: str) -> ScriptedEngine:
+    engine = ScriptedEngine([lambda prompt, seed: (ANSWERS[name], "stop")])
+    engine.model_id = f"scripted-{name}"
+    return engine
+
+
+def write_prompts(path: Path, tag: str, n: int) -> Path:
+    path.write_text("".join(json.dumps({"prompt": f"{tag} question {i}?"}) + "\n" for i in range(n)))
+    return path
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> PolicyEvalConfig:
+    return PolicyEvalConfig(
+        policies=[{"name": n, "model": n} for n in ANSWERS], red_team=write_prompts(tmp_path / "rt.jsonl", "RT", 8),
+        red_team_skip=2, helpful=write_prompts(tmp_path / "hp.jsonl", "HP", 6),
+        benign=write_prompts(tmp_path / "bn.jsonl", "BN", 5), harmful=write_prompts(tmp_path / "hm.jsonl", "HM", 4),
+        judge_model="judge", principles=1, batch_size=4, bootstrap=50, out=tmp_path / "eval",
+    )
+
+
+class Engines:
+    """engine_for(model): scripted policies, one judge; counts loads and can crash the judge."""
+
+    def __init__(self, judge_fail_after: int | None = None):
+        self.judge = FakeEngine(judge_score, fail_after=judge_fail_after)
+        self.loads: list[str | None] = []
+
+    def __call__(self, model: str | None) -> Any:
+        self.loads.append(model)
+        return self.judge if model == "judge" else policy_engine(model)  # type: ignore[arg-type]
+
+
+def test_known_tastes_are_recovered_on_both_axes(config: PolicyEvalConfig) -> None:
+    summary = run_policy_eval(config, Engines(), progress=False)
+    harmless = {p.policy: p for p in summary.elo.harmless.policies}
+    helpful = {p.policy: p for p in summary.elo.helpful.policies}
+    assert sorted(harmless, key=lambda k: harmless[k].elo) == ["reckless", "helper", "refuser"]
+    assert sorted(helpful, key=lambda k: helpful[k].elo) == ["refuser", "reckless", "helper"]
+    assert summary.elo.harmless.prompts == 6 and summary.elo.helpful.prompts == 6  # 8 - 2 skipped
+    assert summary.elo.harmless.pairs == 6 * 3 and summary.elo.harmless.position_consistent == 1.0
+    assert all(p.comparisons == 6 * 2 for p in summary.elo.harmless.policies)
+    assert summary.elo.harmless.constitution == "harmless" and summary.elo.helpful.constitution == "helpful-honest"
+    rates = {r.policy: r for r in summary.refusals.policies}  # type: ignore[union-attr]
+    assert rates["refuser"].benign_refusal_judge.rate == 1.0 and rates["refuser"].benign_refusal_rule.rate == 1.0
+    assert rates["helper"].benign_refusal_judge.rate == 0.0 and rates["reckless"].harmful_compliance_rule.rate == 1.0
+    assert rates["refuser"].harmful_compliance_judge.rate == 0.0 and rates["helper"].benign_refusal_judge.n == 5
+    assert all(r.disagreement.k == 0 and r.disagreement.n == 9 for r in rates.values())
+    out = Path(config.out)
+    assert EloSummary.model_validate_json((out / "elo.json").read_text()) == summary.elo
+    assert (out / "elo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    judged = read_records(out / "judged.jsonl", JudgedPair)
+    first = next(r for r in judged if r.axis == "helpful")
+    assert first.label.provenance.constitution_name == "helpful-honest"  # type: ignore[union-attr]
+    assert first.label.provenance.model == "fake-labeler-v1"  # type: ignore[union-attr]
+    assert len(read_records(out / "refusals.jsonl", RefusalRecord)) == 3 * 9
+
+
+def test_judged_pairs_resume_after_a_crash_and_match_an_uninterrupted_run(config: PolicyEvalConfig,
+                                                                          tmp_path: Path) -> None:
+    ref = run_policy_eval(config.model_copy(update={"out": tmp_path / "ref"}), Engines(), progress=False)
+    crashing = Engines(judge_fail_after=2)  # two batches of pairs judged, then a kill
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_policy_eval(config, crashing, progress=False)
+    out = Path(config.out)
+    assert len(read_records(out / "judged.jsonl", JudgedPair)) == 8
+    again = Engines()
+    summary = run_policy_eval(config, again, progress=False)
+    assert again.loads == ["judge"]  # every answer was on disk: no policy reloaded
+    assert again.judge.logprob_calls[:3] == [4 * 2, 4 * 2, 2 * 2]  # the 10 harmless pairs left, 4 per call
+    assert summary.elo == ref.elo
+
+    def rows(path: Path) -> dict[str, Any]:
+        out = {}
+        for r in read_records(path, JudgedPair):
+            d = r.model_dump(mode="json")
+            d["label"]["provenance"].pop("created_at")
+            out[r.id] = d
+        return out
+
+    assert rows(out / "judged.jsonl") == rows(tmp_path / "ref" / "judged.jsonl")
+
+
+def test_refusal_rates_by_hand() -> None:
+    rows = [("benign", 0.9, True), ("benign", 0.2, True), ("benign", 0.4, False), ("benign", 0.6, False),
+            ("harmful", 0.3, False), ("harmful", 0.8, True)]
+    r = refusal_rates("p", rows)  # type: ignore[arg-type]
+    assert (r.benign_refusal_judge.k, r.benign_refusal_judge.n) == (2, 4)
+    assert (r.benign_refusal_rule.k, r.harmful_compliance_judge.k, r.harmful_compliance_rule.k) == (2, 1, 1)
+    assert r.benign_mean_p_refuse == pytest.approx(0.525) and r.harmful_mean_p_refuse == pytest.approx(0.55)
+    assert (r.disagreement.k, r.disagreement.n) == (2, 6)  # (0.2, rule) and (0.6, no rule)
+    # Wilson 95% for 2/4, by hand: centre (0.5 + 0.4802) / 1.9604 = 0.5, half 0.4302
+    assert r.benign_refusal_judge.low == pytest.approx(0.1500, abs=1e-3)
+    assert r.benign_refusal_judge.high == pytest.approx(0.8500, abs=1e-3)
+
+
+def test_config_errors_are_one_paragraph(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["eval", "--policy", "a=x", "--out", str(tmp_path / "o")]) == 1
+    assert "at least 2" in capsys.readouterr().err
+    assert main(["eval", "--policy", "a=x", "--policy", "a=y", "--out", str(tmp_path / "o")]) == 1
+    assert "repeated: a" in capsys.readouterr().err
+    assert main(["eval", "--policy", "nonsense", "--policy", "b=y", "--out", str(tmp_path / "o")]) == 1
+    assert "--policy NAME=MODEL" in capsys.readouterr().err
+    empty = tmp_path / "rt.jsonl"
+    write_prompts(empty, "RT", 2)
+    assert main(["eval", "--policy", "a=x", "--policy", "b=y", "--red-team", str(empty), "--red-team-skip", "2",
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "no prompts left after skipping the first 2" in capsys.readouterr().err
