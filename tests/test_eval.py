@@ -143,3 +143,16 @@ def test_config_errors_are_one_paragraph(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["eval", "--policy", "a=x", "--policy", "b=y", "--red-team", str(empty), "--red-team-skip", "2",
                  "--out", str(tmp_path / "o")]) == 1
     assert "no prompts left after skipping the first 2" in capsys.readouterr().err
+
+
+def test_shipped_prompt_sets_are_large_distinct_and_held_out(repo_root: Path) -> None:
+    from cai.stages.inputs import load_prompts
+
+    sets = {n: [c[-1].content for c in load_prompts(repo_root / "examples" / "eval" / f"{n}.jsonl")]
+            for n in ("benign", "harmful", "red_team", "helpful")}
+    assert len(sets["benign"]) >= 150 and len(sets["harmful"]) >= 150
+    every = [p for v in sets.values() for p in v]
+    assert len(set(every)) == len(every)
+    training = {c[-1].content for c in load_prompts(repo_root / "examples" / "red_team_prompts.jsonl")}
+    training |= {c[-1].content for c in load_prompts(repo_root / "examples" / "helpful_pairs.jsonl")}
+    assert not training & set(every)
