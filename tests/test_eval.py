@@ -12,6 +12,7 @@ from fakes import FakeEngine, PreferenceScore
 from scripted import ScriptedEngine
 
 from cai.cli import main
+from cai.errors import CaiError
 from cai.stages.eval import EloSummary, PolicyEvalConfig, run_policy_eval
 from cai.stages.eval_judge import JudgedPair, RefusalRecord
 from cai.stages.eval_refusal import refusal_rates
@@ -116,6 +117,14 @@ def test_judged_pairs_resume_after_a_crash_and_match_an_uninterrupted_run(config
         return out
 
     assert rows(out / "judged.jsonl") == rows(tmp_path / "ref" / "judged.jsonl")
+
+
+def test_a_policy_name_cannot_switch_models_on_resume(config: PolicyEvalConfig) -> None:
+    run_policy_eval(config, Engines(), progress=False)
+    policies = [{"name": "refuser", "model": "reckless"}, {"name": "helper", "model": "helper"}]
+    moved = PolicyEvalConfig.model_validate({**config.model_dump(), "policies": policies})
+    with pytest.raises(CaiError, match="policy 'refuser' from model refuser, but it is now reckless"):
+        run_policy_eval(moved, Engines(), progress=False)
 
 
 def test_refusal_rates_by_hand() -> None:

@@ -58,3 +58,12 @@ def test_honest_improvement_and_short_traces_are_not_flagged() -> None:
     assert detect_divergence(padded).reasons == ["length_without_win"]
     short = detect_divergence(trace(rm=[0.0, 5.0], win=[0.9, 0.1], length=[10, 100]), WatchThresholds(window=2))
     assert not short.flagged and "need 4" in short.message
+
+
+def test_trace_is_read_from_the_judged_train_rows_of_a_ppo_log() -> None:
+    from cai.train.judge_watch import trace_from_metrics
+
+    rows = [{"split": "train", "step": 1, "score": 0.1, "kl": 0.0, "response_length": 30.0},
+            {"split": "train", "step": 2, "score": 0.3, "kl": 0.1, "response_length": 32.0, "judge_win_rate": 0.55},
+            {"split": "eval", "step": 2, "score": 0.2, "kl": 0.1, "response_length": 31.0, "judge_win_rate": 0.4}]
+    assert trace_from_metrics(rows) == [WatchPoint(step=2, rm_score=0.3, judge_win_rate=0.55, kl=0.1, mean_length=32.0)]

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from cai import __version__
 from cai.conversation import Message, as_dicts
 from cai.engines.base import Engine, FinishReason, SamplingConfig
+from cai.errors import CaiError
 from cai.hashing import record_id
 from cai.records import utc_now
 from cai.stages.pairs import row_seed
@@ -49,6 +50,7 @@ class AnswerRecord(BaseModel):
 
     id: str
     policy: str
+    policy_model: str | None = Field(description="the policy's model as given (dir, checkpoint or hub id)")
     model: str = Field(description="the engine's model id")
     prompt_set: PromptSet
     prompt_index: int = Field(description="0-based position in the prompt set (after skip)")
@@ -64,7 +66,21 @@ class AnswerRecord(BaseModel):
 
 
 def answer_id(policy: PolicySpec, prompt_set: str, conversation: list[Message], sampling: dict[str, Any]) -> str:
-    return record_id(policy.name, policy.model, prompt_set, as_dicts(conversation), sampling)
+    """Keyed by the policy's name, not its path, so ids do not depend on where a run directory lives;
+    `check_models` refuses a name that now points at another model."""
+    return record_id(policy.name, prompt_set, as_dicts(conversation), sampling)
+
+
+def check_models(policies: list[PolicySpec], store: JsonlStore[AnswerRecord]) -> None:
+    """A resumed run must not mix answers of two models under one policy name."""
+    given = {p.name: p.model for p in policies}
+    for r in store.records():
+        if r.policy in given and r.policy_model != given[r.policy]:
+            raise CaiError(
+                f"{store.path} holds answers of policy {r.policy!r} from model {r.policy_model}, but it is now "
+                f"{given[r.policy]}. Give the new model another policy name, pass --force to start over, or use "
+                "another output directory."
+            )
 
 
 def answer_all(
@@ -72,6 +88,7 @@ def answer_all(
     store: JsonlStore[AnswerRecord], sampling: SamplingConfig, batch_size: int, progress: bool,
 ) -> dict[tuple[str, str, int], AnswerRecord]:
     """Answer every (policy, set, prompt) not yet in `store`; returns every answer by (policy, set, index)."""
+    check_models(policies, store)
     params = sampling.model_dump(mode="json", exclude={"stop"})
     total = len(policies) * sum(len(v) for v in sets.values())
     bar = tqdm(total=total, desc="answer", unit="prompt", disable=not progress)
@@ -89,7 +106,8 @@ def answer_all(
             gens = engine.generate([engine.render_chat(as_dicts(conv)) for _, _, conv in batch], stop, seeds=seeds)
             for (s, i, conv), seed, g in zip(batch, seeds, gens):
                 store.append(AnswerRecord(
-                    id=answer_id(policy, s, conv, params), policy=policy.name, model=engine.model_id,
+                    id=answer_id(policy, s, conv, params), policy=policy.name, policy_model=policy.model,
+                    model=engine.model_id,
                     prompt_set=s, prompt_index=i, prompt=conv, response=g.text.strip(), tokens=g.completion_tokens,
                     finish=g.finish_reason, seed=seed, engine=engine.name, sampling=params,
                 ))

@@ -130,3 +130,18 @@ def detect_divergence(trace: list[WatchPoint], thresholds: WatchThresholds | Non
     return Divergence(flagged=bool(reasons), reasons=reasons, points=len(points), rm_start=rm0, rm_end=rm1,
                       win_start=w0, win_end=w1, length_start=l0, length_end=l1, kl_end=tail[-1].kl,
                       message="; ".join(notes) or "no divergence")
+
+
+# Where PPO's metrics.jsonl keeps each quantity: the log phase writes `judge_win_rate` into the train
+# row of a step it judged, next to the RM score, KL and response length it always logs.
+METRIC_KEYS = {"rm_score": "score", "judge_win_rate": "judge_win_rate", "kl": "kl", "mean_length": "response_length"}
+
+
+def trace_from_metrics(rows: list[dict[str, object]]) -> list[WatchPoint]:
+    """The judged steps of a PPO metrics log (train rows that carry every key of METRIC_KEYS)."""
+    out = []
+    for r in rows:
+        if r.get("split", "train") != "train" or not all(isinstance(r.get(k), (int, float)) for k in METRIC_KEYS.values()):
+            continue
+        out.append(WatchPoint(step=int(r["step"]), **{f: float(r[k]) for f, k in METRIC_KEYS.items()}))  # type: ignore[arg-type]
+    return out
