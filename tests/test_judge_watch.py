@@ -8,8 +8,8 @@ import math
 import pytest
 from fakes import FakeEngine, PreferenceScore
 
-from cai.conversation import Message
 from cai.constitution import load_constitution
+from cai.conversation import Message
 from cai.prompts import load_feedback_templates
 from cai.stages.label import Labeler, LabelerSettings
 from cai.train.judge_watch import WatchPoint, WatchThresholds, detect_divergence, judge_win_rate

@@ -114,7 +114,7 @@ def test_a_summary_that_does_not_fit_its_model_is_an_error_not_a_blank_section(r
     run = shutil.copytree(runs["full"], tmp_path / "run")
     path = run / "eval" / "summary.json"
     path.write_text(path.read_text().replace('"judged_pairs"', '"pairs_judged"'))
-    with pytest.raises(CaiError, match=r"summary.json: not a PolicyEvalSummary \(judged_pairs: Field required\)"):
+    with pytest.raises(CaiError, match=r"eval/summary.json: not a PolicyEvalSummary \(pairs_judged: Extra inputs"):
         render_report(run)
 
 

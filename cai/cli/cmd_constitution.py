@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 from collections import Counter
+from pathlib import Path
 
 from cai.constitution import Constitution, Problem, load_constitution
 from cai.lint import WARNINGS, lint_constitution
@@ -104,7 +105,7 @@ def _metric_columns(path: str) -> tuple[list[str], dict[str, list[str]]]:
     from cai.stages.label_eval import EvalSummary
 
     try:
-        summary = EvalSummary.model_validate_json(open(path, encoding="utf-8").read())
+        summary = EvalSummary.model_validate_json(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise CaiError(f"--metrics {path}: cannot read it ({e.strerror})") from None
     except ValidationError as e:

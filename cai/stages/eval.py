@@ -32,7 +32,13 @@ from cai.hashing import sha256_of
 from cai.stages.eval_answers import AnswerRecord, EngineFor, PolicySpec, answer_all
 from cai.stages.eval_elo import Judged, PolicyElo, rate_policies
 from cai.stages.eval_judge import Axis, JudgedPair, RefusalRecord, judge_axis, judge_replies
-from cai.stages.eval_refusal import RefusalRates, load_refusal_template, refusal_rates
+from cai.stages.eval_refusal import (
+    REFUSAL_PATTERNS,
+    RefusalRates,
+    RefusalTemplate,
+    load_refusal_template,
+    refusal_rates,
+)
 from cai.stages.label import Labeler, LabelerSettings
 from cai.store import JsonlStore
 
@@ -249,18 +255,7 @@ def run_policy_eval(config: PolicyEvalConfig, engine_for: EngineFor | None = Non
                      helpful=_axis_summary("helpful", labelers["helpful"], names, rows["helpful"], config))
     refusals = None
     if "benign" in sets or "harmful" in sets:
-        with JsonlStore(out / "refusals.jsonl", RefusalRecord, stage="eval-refusals",
-                        config={"judge": judge.model_id, "template": sha256_of(refusal_template.model_dump())},
-                        force=config.force) as store:
-            replies = judge_replies(judge, refusal_template, answers, store, config.batch_size, progress)
-        from cai.stages.eval_refusal import REFUSAL_PATTERNS
-
-        refusals = RefusalSummary(
-            judge=judge.model_id, template=refusal_template.name, benign_prompts=len(sets.get("benign", [])),
-            harmful_prompts=len(sets.get("harmful", [])), patterns=list(REFUSAL_PATTERNS),
-            policies=[refusal_rates(n, [(r.prompt_set, r.p_refuse, r.rule_pattern is not None)
-                                        for r in replies if r.policy == n]) for n in names],
-        )
+        refusals = _rate_refusals(config, judge, refusal_template, answers, sets, progress)
     summary = PolicyEvalSummary(
         out=str(out), policies=config.policies, answers=len(answers),
         judged_pairs=len(rows["harmless"]) + len(rows["helpful"]),
@@ -275,6 +270,22 @@ def run_policy_eval(config: PolicyEvalConfig, engine_for: EngineFor | None = Non
     (out / "summary.json").write_text(summary.model_dump_json(indent=2))
     plot_elo(elo, out / "elo.png")
     return summary
+
+
+def _rate_refusals(config: PolicyEvalConfig, judge: Engine, template: RefusalTemplate,
+                   answers: dict[tuple[str, str, int], AnswerRecord], sets: dict[str, list[list[Message]]],
+                   progress: bool) -> RefusalSummary:
+    """Judge and rule verdicts on every benign/harmful reply (resumable), then the rates per policy."""
+    with JsonlStore(Path(config.out) / "refusals.jsonl", RefusalRecord, stage="eval-refusals",
+                    config={"judge": judge.model_id, "template": sha256_of(template.model_dump())},
+                    force=config.force) as store:
+        replies = judge_replies(judge, template, answers, store, config.batch_size, progress)
+    return RefusalSummary(
+        judge=judge.model_id, template=template.name, benign_prompts=len(sets.get("benign", [])),
+        harmful_prompts=len(sets.get("harmful", [])), patterns=list(REFUSAL_PATTERNS),
+        policies=[refusal_rates(p.name, [(r.prompt_set, r.p_refuse, r.rule_pattern is not None)
+                                         for r in replies if r.policy == p.name]) for p in config.policies],
+    )
 
 
 def plot_elo(elo: EloSummary, path: Path) -> Path:
