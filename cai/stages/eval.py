@@ -300,6 +300,7 @@ def plot_elo(elo: EloSummary, path: Path) -> Path:
         ax.errorbar([h.elo], [g.elo], xerr=[[h.elo - h.low], [h.high - h.elo]],
                     yerr=[[g.elo - g.low], [g.high - g.elo]], fmt="o", capsize=4, label=h.policy)
         ax.annotate(h.policy, (h.elo, g.elo), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    ax.margins(0.2)
     ax.axhline(1000, color="lightgrey", linewidth=0.8)
     ax.axvline(1000, color="lightgrey", linewidth=0.8)
     ax.set_xlabel(f"harmlessness Elo ({elo.harmless.prompts} red-team prompts)")
