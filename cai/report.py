@@ -88,8 +88,11 @@ class Run:
 
     def __init__(self, run_dir: Path):
         from cai.records import SFTRecord
+        from cai.stages.critique import RunSummary
         from cai.stages.eval import PolicyEvalSummary
-        from cai.stages.label import LabelRecord
+        from cai.stages.label import LabelRecord, LabelSummary
+        from cai.stages.label_eval import EvalSummary
+        from cai.stages.mix import MixSummary
 
         self.dir = run_dir
         self.log = RunLog.model_validate(_json(run_dir / LOG) or {})
@@ -97,11 +100,11 @@ class Run:
         gen = run_dir / LAYOUT["generate"]
         lab = run_dir / LAYOUT["label"]
         self.sft_rows = _rows(gen, SFTRecord)
-        self.gen_summary = _json(Path(f"{gen}.summary.json"))
+        self.gen_summary = _typed(Path(f"{gen}.summary.json"), RunSummary)
         self.labels = _rows(lab, LabelRecord)
-        self.label_summary = _json(Path(f"{lab}.metrics.json"))
-        self.eval_summary = _json(run_dir / LAYOUT["label_eval"] / "metrics.json")
-        self.mix = _json(run_dir / LAYOUT["mix"] / "mix.json")
+        self.label_summary = _typed(Path(f"{lab}.metrics.json"), LabelSummary)
+        self.eval_summary = _typed(run_dir / LAYOUT["label_eval"] / "metrics.json", EvalSummary)
+        self.mix = _typed(run_dir / LAYOUT["mix"] / "mix.json", MixSummary)
         self.trained = {name: _json(run_dir / LAYOUT[name] / "summary.json") for name in ("rm", "sft", "ppo")}
         self.policy_eval = _typed(run_dir / LAYOUT["eval"] / "summary.json", PolicyEvalSummary)
 
@@ -186,38 +189,42 @@ def _curves(metrics_path: Path, wanted: list[tuple[str, list[str]]]) -> str | No
 # ---------------------------------------------------------------- sections
 
 
+def _data_stage_row(run: Run, name: str) -> tuple[Any, Any, list[str]] | None:
+    """(rows, tokens, notes) of a data stage from its typed summary; None when it has written none."""
+    if name == "generate" and run.gen_summary:
+        g = run.gen_summary
+        flags = ", ".join(f"{k} {v}" for k, v in g.flags.items()) or "none"
+        return g.rows_total, g.generated_tokens, [f"flags: {flags}", f"{g.tokens_per_second:.1f} tok/s"]
+    if name == "label" and run.label_summary:
+        lab = run.label_summary
+        return lab.rows_total, "—", [f"position-bias rate {_fmt(lab.metrics.position_bias_rate)}",
+                                     f"{lab.identical_skipped} identical pairs skipped"]
+    if name == "label_eval" and run.eval_summary:
+        ev = run.eval_summary
+        return ev.rows_total, "—", [f"agreement with humans {_fmt(ev.metrics.agreement)}, ECE {_fmt(ev.metrics.ece)}"]
+    if name == "mix" and run.mix:
+        counts = run.mix.counts
+        notes = [f"{split}: " + ", ".join(f"{k} {v}" for k, v in by.items()) for split, by in counts.items()]
+        if run.mix.malformed_skipped:
+            notes.append(f"{run.mix.malformed_skipped} malformed human rows skipped")
+        return sum(sum(v.values()) for v in counts.values()), "—", notes
+    if name == "eval" and run.policy_eval:
+        e = run.policy_eval
+        notes = [f"{e.judged_pairs} judged pairs, {e.refusal_judgements} refusal judgements"]
+        if e.seconds_per_judged_pair is not None:
+            notes.append(f"{e.seconds_per_judged_pair:.2f}s per judged pair")
+        return e.answers, "—", notes
+    return None
+
+
 def _stage_row(run: Run, name: str) -> list[Any]:
-    s = {"generate": run.gen_summary, "label": run.label_summary, "label_eval": run.eval_summary,
-         "mix": run.mix}.get(name) or run.trained.get(name) or {}
+    s = run.trained.get(name) or {}
     rows: Any = "—"
     tokens: Any = "—"
     notes: list[str] = []
-    if name == "generate" and s:
-        rows, tokens = s.get("rows_total"), s.get("generated_tokens")
-        flags = s.get("flags") or {}
-        notes.append("flags: " + (", ".join(f"{k} {v}" for k, v in flags.items()) or "none"))
-        notes.append(f"{s.get('tokens_per_second', 0):.1f} tok/s")
-    elif name == "label" and s:
-        rows = s.get("rows_total")
-        m = s.get("metrics") or {}
-        notes.append(f"position-bias rate {_fmt(m.get('position_bias_rate'))}")
-        notes.append(f"{s.get('identical_skipped', 0)} identical pairs skipped")
-    elif name == "label_eval" and s:
-        rows = s.get("rows_total")
-        m = s.get("metrics") or {}
-        notes.append(f"agreement with humans {_fmt(m.get('agreement'))}, ECE {_fmt(m.get('ece'))}")
-    elif name == "mix" and s:
-        counts = s.get("counts") or {}
-        rows = sum(sum(v.values()) for v in counts.values())
-        notes += [f"{split}: " + ", ".join(f"{k} {v}" for k, v in by.items()) for split, by in counts.items()]
-        if s.get("malformed_skipped"):
-            notes.append(f"{s['malformed_skipped']} malformed human rows skipped")
-    elif name == "eval" and run.policy_eval:
-        e = run.policy_eval
-        rows = e.answers
-        notes.append(f"{e.judged_pairs} judged pairs, {e.refusal_judgements} refusal judgements")
-        if e.seconds_per_judged_pair is not None:
-            notes.append(f"{e.seconds_per_judged_pair:.2f}s per judged pair")
+    data = _data_stage_row(run, name)
+    if data is not None:
+        rows, tokens, notes = data
     elif name in ("rm", "sft", "ppo") and s:
         rows = s.get("train_pairs", s.get("train_examples", s.get("episodes", "—")))
         notes.append(f"{s.get('steps', '?')} steps")
@@ -343,7 +350,7 @@ def _label_figures(run: Run) -> list[str]:
     ax.set_ylim(0, 1)
     ax.set_xlabel("P(A better), A shown first")
     ax.set_ylabel("P(A better), B shown first")
-    rate = run.label_summary["metrics"]["position_bias_rate"] if run.label_summary else len(flips) / max(len(orders), 1)
+    rate = run.label_summary.metrics.position_bias_rate if run.label_summary else len(flips) / max(len(orders), 1)
     ax.set_title(f"position-bias rate {rate:.3f}")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
@@ -356,30 +363,37 @@ def _label_figures(run: Run) -> list[str]:
 def labels_section(run: Run) -> str:
     body = ""
     if run.labels:
-        m = (run.label_summary or {}).get("metrics") or {}
-        body += _table(["pairs", "judgements", "position-bias rate", "consistent pairs", "mean confidence",
-                        "principle agreement"],
-                       [[m.get("pairs", len(run.labels)), m.get("judgements"), _fmt(m.get("position_bias_rate")),
-                         _fmt(m.get("position_consistent_pairs")), _fmt(m.get("mean_confidence")),
-                         _fmt(m.get("principle_agreement"))]], range(6))
+        head = ["pairs", "judgements", "position-bias rate", "consistent pairs", "mean confidence",
+                "principle agreement"]
+        if run.label_summary:
+            m = run.label_summary.metrics
+            cells = [m.pairs, m.judgements, _fmt(m.position_bias_rate), _fmt(m.position_consistent_pairs),
+                     _fmt(m.mean_confidence), _fmt(m.principle_agreement)]
+        else:  # the stage is still running: its metrics are written at the end
+            cells = [len(run.labels), "—", "—", "—", "—", "—"]
+        body += _table(head, [cells], range(6))
         body += f'<div class="figs">{"".join(_label_figures(run))}</div>'
     else:
         body += _missing("AI feedback labels", "label")
     body += "<h3>Calibration against human labels</h3>"
     ev = run.eval_summary
     if ev:
-        from cai.stages.label_metrics import CalibrationBin, plot_calibration
+        from cai.stages.label_metrics import plot_calibration
 
-        m = ev["metrics"]
-        bins = [CalibrationBin.model_validate(b) for b in m["bins"]]
+        m = ev.metrics
         with tempfile.TemporaryDirectory() as tmp:
-            uri = _png_file(plot_calibration(bins, Path(tmp) / "cal.png", f"{ev['rows_total']} human pairs"))
+            uri = _png_file(plot_calibration(m.bins, Path(tmp) / "cal.png", f"{ev.rows_total} human pairs"))
         body += _table(["human pairs", "agreement", "ECE", "position-bias rate"],
-                       [[ev["rows_total"], _fmt(m["agreement"]), _fmt(m["ece"]),
-                         _fmt(m["labels"]["position_bias_rate"])]], range(4))
+                       [[ev.rows_total, _fmt(m.agreement), _fmt(m.ece), _fmt(m.labels.position_bias_rate)]], range(4))
         body += _figure(uri, "calibration reliability diagram",
                         "Reliability diagram: predicted P(A better) against how often the human preferred A "
                         "(the human's pick is put in slot A or B by a seeded coin).")
+        if m.per_principle:
+            body += "<h3>Agreement with humans per principle</h3>" + _table(
+                ["principle", "pairs", "agreement", "95% interval", "position-bias rate"],
+                [[p.principle_id, p.agreement.n, _fmt(p.agreement.rate),
+                  f"{_fmt(p.agreement.low, 2)} – {_fmt(p.agreement.high, 2)}", _fmt(p.position_bias_rate)]
+                 for p in m.per_principle], (1, 2, 3, 4))
     elif run.status("label_eval") == "missing" and "label_eval" not in (run.resolved.get("stages") or {}):
         body += ('<p class="missing-note">Not measured: add a <code>label_eval</code> section with human-labelled '
                  "pairs to the pipeline YAML to see the labeler's agreement with humans and its calibration.</p>")

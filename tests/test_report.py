@@ -102,6 +102,16 @@ def test_all_text_is_escaped_and_the_page_is_self_contained(runs: dict[str, Path
     assert "Not measured: PPO logged no <code>judge_win_rate</code>" in section_html(page, "reward-hacking")
 
 
+def test_labels_section_shows_agreement_per_principle_from_the_typed_summary(runs: dict[str, Path]) -> None:
+    from cai.stages.label_eval import EvalSummary
+
+    labels = section_html(render_report(runs["full"]), "labels")
+    ev = EvalSummary.model_validate_json((runs["full"] / "label_eval" / "metrics.json").read_text())
+    assert "Agreement with humans per principle" in labels and ev.metrics.per_principle
+    for p in ev.metrics.per_principle:
+        assert f'<td>{p.principle_id}</td><td class="num">{p.agreement.n}</td>' in labels
+
+
 def test_reward_hacking_panel_flags_a_hacked_trace(runs: dict[str, Path]) -> None:
     panel = section_html(render_report(runs["hacked"]), "reward-hacking")
     assert "Divergence flagged (rm_up_judge_down, length_without_win)" in panel
