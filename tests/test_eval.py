@@ -165,3 +165,25 @@ def test_shipped_prompt_sets_are_large_distinct_and_held_out(repo_root: Path) ->
     training = {c[-1].content for c in load_prompts(repo_root / "examples" / "red_team_prompts.jsonl")}
     training |= {c[-1].content for c in load_prompts(repo_root / "examples" / "helpful_pairs.jsonl")}
     assert not training & set(every)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cli_rates_two_tiny_models_and_a_rerun_resumes(tiny_model_dir: Path, repo_root: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    from tiny import build_tiny_model
+
+    other = build_tiny_model(tmp_path / "other", seed=1)
+    out = tmp_path / "eval"
+    argv = ["eval", "--policy", f"a={tiny_model_dir}", "--policy", f"b={other}", "--judge-model", str(tiny_model_dir),
+            "--red-team-limit", "2", "--helpful-limit", "2", "--refusal-limit", "2", "--max-new-tokens", "4",
+            "--principles", "1", "--bootstrap", "10", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "harmless Elo (95% CI)" in printed and "benign refused (judge / rule)" in printed
+    first = json.loads((out / "summary.json").read_text())
+    assert first["answers"] == 2 * 8 and first["judged_pairs"] == 4 and first["refusal_judgements"] == 8
+    before = {p: p.read_bytes() for p in out.glob("*.jsonl")}
+    assert main(argv) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["seconds_per_judged_pair"] is None and again["elo"] == first["elo"]  # nothing judged twice
+    assert {p: p.read_bytes() for p in out.glob("*.jsonl")} == before
