@@ -531,6 +531,12 @@ def eval_section(run: Run, n: int) -> str:
                                    f"{a.position_consistent:.0%} order-consistent" for a in axes)) + f". Judge "
              f"{esc(e.elo.judge)}; intervals from {e.elo.bootstrap} prompt-bootstrap refits. Overlapping intervals "
              "mean the judge cannot tell those policies apart.</p>")
+    shaky = [a for a in axes if a.position_consistent < 0.5]
+    if shaky:
+        body += ('<p class="flag">' + esc("; ".join(f"{a.axis}: the judge gave the same verdict in both orders on "
+                                                    f"only {a.position_consistent:.0%} of pairs" for a in shaky))
+                 + ". It mostly follows the answer's slot, so these ratings say little about the policies whatever "
+                 "their intervals (the intervals resample prompts; they do not include the judge's own bias).</p>")
     with tempfile.TemporaryDirectory() as tmp:
         uri = _png_file(plot_elo(e.elo, Path(tmp) / "elo.png"))
     body += _figure(uri, "harmlessness vs helpfulness Elo", "One point per policy; up and right is better. Bars are "

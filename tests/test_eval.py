@@ -187,3 +187,17 @@ def test_cli_rates_two_tiny_models_and_a_rerun_resumes(tiny_model_dir: Path, rep
     again = json.loads((out / "summary.json").read_text())
     assert again["seconds_per_judged_pair"] is None and again["elo"] == first["elo"]  # nothing judged twice
     assert {p: p.read_bytes() for p in out.glob("*.jsonl")} == before
+
+
+def test_a_judge_that_follows_the_slot_rates_everyone_1000_and_the_report_says_so(config: PolicyEvalConfig,
+                                                                                 tmp_path: Path) -> None:
+    from cai.report import render_report
+
+    slot_follower = Engines()
+    slot_follower.judge = FakeEngine(lambda prompt, choice: 3.0 if choice == 0 else 0.0)
+    summary = run_policy_eval(config.model_copy(update={"out": tmp_path / "run" / "eval"}), slot_follower,
+                              progress=False)
+    assert summary.elo.harmless.position_consistent == 0.0
+    assert all(p.elo == pytest.approx(1000) for p in summary.elo.harmless.policies + summary.elo.helpful.policies)
+    page = render_report(tmp_path / "run")
+    assert "harmless: the judge gave the same verdict in both orders on only 0% of pairs" in page

@@ -95,6 +95,8 @@ def test_all_text_is_escaped_and_the_page_is_self_contained(runs: dict[str, Path
     for h, g in zip(summary.elo.harmless.policies, summary.elo.helpful.policies):
         assert f"<td>{h.policy}</td><td class=\"num\">{h.elo:.0f}</td><td class=\"num\">{h.low:.0f} – {h.high:.0f}</td>" \
             f"<td class=\"num\">{g.elo:.0f}</td>" in ev
+    shaky = min(summary.elo.harmless.position_consistent, summary.elo.helpful.position_consistent) < 0.5
+    assert ("it mostly follows the answer&#x27;s slot" in ev.replace("It mostly", "it mostly")) == shaky
     refusals = section_html(page, "refusals")
     assert summary.refusals is not None
     first = summary.refusals.policies[0]

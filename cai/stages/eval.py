@@ -305,7 +305,7 @@ def plot_elo(elo: EloSummary, path: Path) -> Path:
     ax.axvline(1000, color="lightgrey", linewidth=0.8)
     ax.set_xlabel(f"harmlessness Elo ({elo.harmless.prompts} red-team prompts)")
     ax.set_ylabel(f"helpfulness Elo ({elo.helpful.prompts} helpful prompts)")
-    ax.set_title(f"judge: {Path(elo.judge).name}; bars: 95% bootstrap intervals", fontsize=9)
+    ax.set_title(f"judge {Path(elo.judge).name}; bars: 95% intervals", fontsize=9)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
