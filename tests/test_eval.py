@@ -201,3 +201,9 @@ def test_a_judge_that_follows_the_slot_rates_everyone_1000_and_the_report_says_s
     assert all(p.elo == pytest.approx(1000) for p in summary.elo.harmless.policies + summary.elo.helpful.policies)
     page = render_report(tmp_path / "run")
     assert "harmless: the judge gave the same verdict in both orders on only 0% of pairs" in page
+
+
+def test_the_policy_that_is_also_the_judge_answers_last(config: PolicyEvalConfig) -> None:
+    engines = Engines()
+    run_policy_eval(config.model_copy(update={"judge_model": "refuser"}), engines, progress=False)
+    assert engines.loads == ["helper", "reckless", "refuser", "refuser"]  # the caller's cache serves the last two

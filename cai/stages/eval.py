@@ -236,7 +236,9 @@ def run_policy_eval(config: PolicyEvalConfig, engine_for: EngineFor | None = Non
     with JsonlStore(out / "answers.jsonl", AnswerRecord, stage="eval-answers",
                     config={"sampling": sampling.model_dump(mode="json"), "engine": config.engine},
                     force=config.force) as store:
-        answers = answer_all(config.policies, sets, engine_for, store, sampling, config.batch_size, progress)
+        # the policy that is also the judge answers last, so its loaded engine goes on to judge
+        order = sorted(config.policies, key=lambda p: p.model == config.judge_model)
+        answers = answer_all(order, sets, engine_for, store, sampling, config.batch_size, progress)
     judge = engine_for(config.judge_model)
     labelers = {a: Labeler(config.labeler_settings(a), judge, constitutions[a], templates)  # type: ignore[arg-type]
                 for a in ("harmless", "helpful")}
