@@ -1,4 +1,4 @@
-"""`cai run`: critique-revise -> AI labels -> mix -> reward model -> SFT -> PPO in one run directory,
+"""`cai run`: critique-revise -> AI labels -> mix -> reward model -> SFT -> PPO -> eval in one run directory,
 resumable as a whole.
 
 Why it looks like this:
@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
@@ -32,7 +33,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cai import __version__
-from cai.conversation import Message
 from cai.errors import CaiError, InputError
 from cai.hashing import sha256_of
 from cai.locking import lock_run_dir
@@ -51,7 +51,7 @@ LAYOUT = {
     "rm": "rm",
     "sft": "sft",
     "ppo": "ppo",
-    "compare": "compare",
+    "eval": "eval",
 }
 EngineFactory = Callable[[str, "str | None", dict[str, Any]], Any]
 
@@ -75,7 +75,8 @@ class PipelineConfig(BaseModel):
     rm: dict[str, Any] = Field(default_factory=dict)
     sft: dict[str, Any] = Field(default_factory=dict)
     ppo: dict[str, Any] = Field(default_factory=dict)
-    compare: dict[str, Any] = Field(default_factory=dict)
+    eval: dict[str, Any] = Field(default_factory=dict, description="policy eval: Elo per axis, over-refusal")
+    compare: dict[str, Any] | None = Field(None, description="deprecated: the old name of `eval`")
 
 
 # ---------------------------------------------------------------- stages
@@ -380,130 +381,65 @@ class PPOStage(TrainerStage):
         return run_ppo(config, resume=resume, progress=progress)
 
 
-class SideSample(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EvalStage(Stage):
+    """The initial, SL-CAI and RL-CAI policies rated by the AI judge (cai/stages/eval.py): Elo per axis on
+    the red-team prompts generate did not use and on held-out helpful prompts, plus over-refusal.
 
-    response: str
-    score: float = Field(description="reward-model score, normalised (mean 0, std 1 on the RM's test pairs)")
-    tokens: int
-    finish: str
+    `compare` (the old before/after RM-score check) is read as a deprecated alias of this section."""
 
-
-class CompareRow(BaseModel):
-    """One held-out prompt answered by the policy before PPO (the SFT model) and after."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    id: str
-    prompt: list[Message]
-    before: SideSample
-    after: SideSample
-
-
-class CompareSummary(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: int
-    before_mean_score: float
-    after_mean_score: float
-    after_wins: float = Field(description="share of prompts where the PPO response scores higher (ties count 1/2)")
-    before_mean_tokens: float
-    after_mean_tokens: float
-
-
-class CompareConfig(BaseModel):
-    """The before/after check: both policies answer the same prompts, the reward model scores them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompts: Path = Field(description="prompt file (default: the generate stage's)")
-    skip: int = Field(0, ge=0, description="leave out the first N prompts (default: those generate used)")
-    limit: int = Field(8, ge=1)
-    before: str = Field(description="policy before PPO")
-    after: str = Field(description="policy after PPO")
-    reward_model: str
-    out: Path
-    engine: Literal["hf", "vllm"] = "hf"
-    engine_options: dict[str, Any] = Field(default_factory=dict)
-    max_new_tokens: int = Field(96, ge=1)
-    temperature: float = Field(0.0, ge=0.0, description="0 = greedy: the comparison is about the policies, not luck")
-    seed: int = 0
-
-
-def run_compare(config: CompareConfig, ctx: RunContext) -> CompareSummary:
-    """Sample both policies on the held-out prompts, score every response with the RM, write
-    OUT/samples.jsonl and OUT/summary.json."""
-    from cai.conversation import as_dicts
-    from cai.engines.base import SamplingConfig
-    from cai.hashing import record_id
-    from cai.stages.inputs import load_prompts
-    from cai.train.reward import RewardScorer
-
-    convs = load_prompts(config.prompts, limit=config.skip + config.limit)[config.skip:]
-    if not convs:
-        raise CaiError(f"{config.prompts}: no prompts left after skipping the first {config.skip}")
-    sides: dict[str, list[Any]] = {}
-    for side in ("before", "after"):
-        engine = ctx.engine(config.engine, getattr(config, side), config.engine_options)
-        sampling = SamplingConfig(temperature=config.temperature, max_new_tokens=config.max_new_tokens,
-                                  stop=tuple(engine.stop_sequences), seed=config.seed)
-        prompts = [engine.render_chat(as_dicts(c)) for c in convs]
-        sides[side] = engine.generate(prompts, sampling, seeds=[config.seed + i for i in range(len(convs))])
-    ctx.release()
-    scorer = RewardScorer(config.reward_model, normalize=True)
-    scores = {side: scorer.score_messages([as_dicts(c) + [{"role": "assistant", "content": g.text.strip()}]
-                                           for c, g in zip(convs, gens)]) for side, gens in sides.items()}
-    rows = [
-        CompareRow(id=record_id(as_dicts(c)), prompt=c, **{
-            side: SideSample(response=sides[side][i].text.strip(), score=scores[side][i],
-                             tokens=sides[side][i].completion_tokens, finish=sides[side][i].finish_reason)
-            for side in ("before", "after")})
-        for i, c in enumerate(convs)
-    ]
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples.jsonl").write_text("".join(r.model_dump_json() + "\n" for r in rows), encoding="utf-8")
-    n = len(rows)
-    summary = CompareSummary(
-        prompts=n,
-        before_mean_score=sum(r.before.score for r in rows) / n,
-        after_mean_score=sum(r.after.score for r in rows) / n,
-        after_wins=sum(1.0 if r.after.score > r.before.score else 0.5 if r.after.score == r.before.score else 0.0
-                       for r in rows) / n,
-        before_mean_tokens=sum(r.before.tokens for r in rows) / n,
-        after_mean_tokens=sum(r.after.tokens for r in rows) / n,
-    )
-    (out / "summary.json").write_text(summary.model_dump_json(indent=2))
-    return summary
-
-
-class CompareStage(Stage):
-    name, title, after = "compare", "before/after PPO", ("generate", "rm", "sft", "ppo")
+    name, title, after = "eval", "policy eval (Elo, refusals)", ("generate", "sft", "ppo")
+    volatile = frozenset({"batch_size", "force"})
 
     def config_class(self) -> type[BaseModel]:
-        return CompareConfig
+        from cai.stages.eval import PolicyEvalConfig
+
+        return PolicyEvalConfig
+
+    def section(self, pipe: PipelineConfig) -> dict[str, Any]:
+        if pipe.compare is None:
+            return dict(pipe.eval)
+        if pipe.eval:
+            raise CaiError("the pipeline has both `compare` and `eval` sections; `compare` is the old name of "
+                           "`eval`: merge them into `eval`")
+        renamed = {"limit": "red_team_limit", "prompts": "red_team", "skip": "red_team_skip"}
+        section = {renamed.get(k, k): v for k, v in pipe.compare.items()}
+        warnings.warn(
+            "pipeline section `compare` is deprecated: it is now `eval`, which rates the initial, SFT and PPO "
+            "policies with the AI judge instead of the reward model (limit is read as red_team_limit). Rename the "
+            "section to `eval` (see examples/pipeline.yaml).", FutureWarning, stacklevel=2)
+        return section
 
     def shared(self, pipe: PipelineConfig, configs: dict[str, BaseModel]) -> dict[str, Any]:
-        gen = configs["generate"]
-        return {"prompts": gen.prompts, "skip": gen.limit or 0, "engine": pipe.engine,  # type: ignore[attr-defined]
+        gen, label = configs["generate"], configs["label"]
+        run_dir = pipe.run_dir
+        policies = [{"name": "initial", "model": pipe.model},
+                    {"name": "sl-cai", "model": str(run_dir / LAYOUT["sft"] / "final")},
+                    {"name": "rl-cai", "model": str(run_dir / LAYOUT["ppo"] / "final")}]
+        return {"policies": policies, "red_team": gen.prompts, "red_team_skip": gen.limit or 0,  # type: ignore[attr-defined]
+                "judge_model": label.model, "engine": pipe.engine,  # type: ignore[attr-defined]
                 "engine_options": pipe.engine_options, "seed": pipe.seed}
 
     def owned(self, run_dir: Path) -> dict[str, Any]:
-        return {"before": str(run_dir / LAYOUT["sft"] / "final"), "after": str(run_dir / LAYOUT["ppo"] / "final"),
-                "reward_model": str(run_dir / LAYOUT["rm"] / "final"), "out": run_dir / LAYOUT["compare"]}
+        return {"out": run_dir / LAYOUT["eval"]}
 
     def inputs(self, config: Any) -> list[Path]:
-        return [Path(config.prompts)]
+        files = [config.red_team, config.helpful, config.benign, config.harmful, config.harmless_constitution,
+                 config.helpful_constitution, config.feedback_templates, config.refusal_template]
+        return [Path(f) for f in files if f is not None]
 
     def outputs(self, config: Any) -> list[Path]:
-        return [Path(config.out) / "samples.jsonl", Path(config.out) / "summary.json"]
+        out = Path(config.out)
+        return [out / "answers.jsonl", out / "judged.jsonl", out / "elo.json", out / "elo.png", out / "summary.json"]
 
     def run(self, config: Any, ctx: RunContext) -> BaseModel:
-        return run_compare(config, ctx)
+        from cai.stages.eval import run_policy_eval
+
+        return run_policy_eval(config, lambda model: ctx.engine(config.engine, model, config.engine_options),
+                               progress=ctx.progress)
 
 
 STAGES: tuple[Stage, ...] = (
-    GenerateStage(), LabelStage(), LabelEvalStage(), MixStage(), RewardStage(), SFTStage(), PPOStage(), CompareStage(),
+    GenerateStage(), LabelStage(), LabelEvalStage(), MixStage(), RewardStage(), SFTStage(), PPOStage(), EvalStage(),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

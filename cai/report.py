@@ -27,7 +27,8 @@ from cai.errors import CaiError
 from cai.pipeline import LAYOUT, LOG, RESOLVED, STAGES, RunLog
 
 R = TypeVar("R", bound=BaseModel)
-SECTIONS = ("summary", "principles", "samples", "labels", "reward-model", "sft", "ppo", "before-after")
+SECTIONS = ("summary", "principles", "samples", "labels", "reward-model", "sft", "ppo", "reward-hacking", "eval",
+            "refusals")
 
 
 def esc(value: Any) -> str:
@@ -59,6 +60,20 @@ def _rows(path: Path, model: type[R]) -> list[R]:
     return out
 
 
+def _typed(path: Path, model: type[R]) -> R | None:
+    """A stage's summary as its pydantic model; None while the stage has not written it. A file that
+    does not fit the model is an error (a renamed field must not quietly blank a section)."""
+    if not path.is_file():
+        return None
+    try:
+        return model.model_validate_json(path.read_text())
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CaiError(f"{path}: not a {model.__name__} ({where}: {first['msg']}); was it written by another "
+                       "cai version? Rerun that stage or render with the cai version that wrote it.") from None
+
+
 def _metrics(path: Path) -> list[dict[str, Any]]:
     from cai.train.common import read_metrics
 
@@ -73,7 +88,11 @@ class Run:
 
     def __init__(self, run_dir: Path):
         from cai.records import SFTRecord
-        from cai.stages.label import LabelRecord
+        from cai.stages.critique import RunSummary
+        from cai.stages.eval import PolicyEvalSummary
+        from cai.stages.label import LabelRecord, LabelSummary
+        from cai.stages.label_eval import EvalSummary
+        from cai.stages.mix import MixSummary
 
         self.dir = run_dir
         self.log = RunLog.model_validate(_json(run_dir / LOG) or {})
@@ -81,13 +100,13 @@ class Run:
         gen = run_dir / LAYOUT["generate"]
         lab = run_dir / LAYOUT["label"]
         self.sft_rows = _rows(gen, SFTRecord)
-        self.gen_summary = _json(Path(f"{gen}.summary.json"))
+        self.gen_summary = _typed(Path(f"{gen}.summary.json"), RunSummary)
         self.labels = _rows(lab, LabelRecord)
-        self.label_summary = _json(Path(f"{lab}.metrics.json"))
-        self.eval_summary = _json(run_dir / LAYOUT["label_eval"] / "metrics.json")
-        self.mix = _json(run_dir / LAYOUT["mix"] / "mix.json")
+        self.label_summary = _typed(Path(f"{lab}.metrics.json"), LabelSummary)
+        self.eval_summary = _typed(run_dir / LAYOUT["label_eval"] / "metrics.json", EvalSummary)
+        self.mix = _typed(run_dir / LAYOUT["mix"] / "mix.json", MixSummary)
         self.trained = {name: _json(run_dir / LAYOUT[name] / "summary.json") for name in ("rm", "sft", "ppo")}
-        self.compare = _json(run_dir / LAYOUT["compare"] / "summary.json")
+        self.policy_eval = _typed(run_dir / LAYOUT["eval"] / "summary.json", PolicyEvalSummary)
 
     def status(self, name: str) -> str:
         """done, partial (started or interrupted) or missing."""
@@ -170,37 +189,42 @@ def _curves(metrics_path: Path, wanted: list[tuple[str, list[str]]]) -> str | No
 # ---------------------------------------------------------------- sections
 
 
+def _data_stage_row(run: Run, name: str) -> tuple[Any, Any, list[str]] | None:
+    """(rows, tokens, notes) of a data stage from its typed summary; None when it has written none."""
+    if name == "generate" and run.gen_summary:
+        g = run.gen_summary
+        flags = ", ".join(f"{k} {v}" for k, v in g.flags.items()) or "none"
+        return g.rows_total, g.generated_tokens, [f"flags: {flags}", f"{g.tokens_per_second:.1f} tok/s"]
+    if name == "label" and run.label_summary:
+        lab = run.label_summary
+        return lab.rows_total, "—", [f"position-bias rate {_fmt(lab.metrics.position_bias_rate)}",
+                                     f"{lab.identical_skipped} identical pairs skipped"]
+    if name == "label_eval" and run.eval_summary:
+        ev = run.eval_summary
+        return ev.rows_total, "—", [f"agreement with humans {_fmt(ev.metrics.agreement)}, ECE {_fmt(ev.metrics.ece)}"]
+    if name == "mix" and run.mix:
+        counts = run.mix.counts
+        notes = [f"{split}: " + ", ".join(f"{k} {v}" for k, v in by.items()) for split, by in counts.items()]
+        if run.mix.malformed_skipped:
+            notes.append(f"{run.mix.malformed_skipped} malformed human rows skipped")
+        return sum(sum(v.values()) for v in counts.values()), "—", notes
+    if name == "eval" and run.policy_eval:
+        e = run.policy_eval
+        notes = [f"{e.judged_pairs} judged pairs, {e.refusal_judgements} refusal judgements"]
+        if e.seconds_per_judged_pair is not None:
+            notes.append(f"{e.seconds_per_judged_pair:.2f}s per judged pair")
+        return e.answers, "—", notes
+    return None
+
+
 def _stage_row(run: Run, name: str) -> list[Any]:
-    s = {"generate": run.gen_summary, "label": run.label_summary, "label_eval": run.eval_summary,
-         "mix": run.mix}.get(name) or run.trained.get(name) or {}
+    s = run.trained.get(name) or {}
     rows: Any = "—"
     tokens: Any = "—"
     notes: list[str] = []
-    if name == "generate" and s:
-        rows, tokens = s.get("rows_total"), s.get("generated_tokens")
-        flags = s.get("flags") or {}
-        notes.append("flags: " + (", ".join(f"{k} {v}" for k, v in flags.items()) or "none"))
-        notes.append(f"{s.get('tokens_per_second', 0):.1f} tok/s")
-    elif name == "label" and s:
-        rows = s.get("rows_total")
-        m = s.get("metrics") or {}
-        notes.append(f"position-bias rate {_fmt(m.get('position_bias_rate'))}")
-        notes.append(f"{s.get('identical_skipped', 0)} identical pairs skipped")
-    elif name == "label_eval" and s:
-        rows = s.get("rows_total")
-        m = s.get("metrics") or {}
-        notes.append(f"agreement with humans {_fmt(m.get('agreement'))}, ECE {_fmt(m.get('ece'))}")
-    elif name == "mix" and s:
-        counts = s.get("counts") or {}
-        rows = sum(sum(v.values()) for v in counts.values())
-        notes += [f"{split}: " + ", ".join(f"{k} {v}" for k, v in by.items()) for split, by in counts.items()]
-        if s.get("malformed_skipped"):
-            notes.append(f"{s['malformed_skipped']} malformed human rows skipped")
-    elif name == "compare" and run.compare:
-        c = run.compare
-        rows = c["prompts"]
-        notes.append(f"mean RM score {c['before_mean_score']:+.3f} before, {c['after_mean_score']:+.3f} after PPO; "
-                     f"PPO wins {c['after_wins']:.2f}")
+    data = _data_stage_row(run, name)
+    if data is not None:
+        rows, tokens, notes = data
     elif name in ("rm", "sft", "ppo") and s:
         rows = s.get("train_pairs", s.get("train_examples", s.get("episodes", "—")))
         notes.append(f"{s.get('steps', '?')} steps")
@@ -326,7 +350,7 @@ def _label_figures(run: Run) -> list[str]:
     ax.set_ylim(0, 1)
     ax.set_xlabel("P(A better), A shown first")
     ax.set_ylabel("P(A better), B shown first")
-    rate = run.label_summary["metrics"]["position_bias_rate"] if run.label_summary else len(flips) / max(len(orders), 1)
+    rate = run.label_summary.metrics.position_bias_rate if run.label_summary else len(flips) / max(len(orders), 1)
     ax.set_title(f"position-bias rate {rate:.3f}")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
@@ -339,30 +363,37 @@ def _label_figures(run: Run) -> list[str]:
 def labels_section(run: Run) -> str:
     body = ""
     if run.labels:
-        m = (run.label_summary or {}).get("metrics") or {}
-        body += _table(["pairs", "judgements", "position-bias rate", "consistent pairs", "mean confidence",
-                        "principle agreement"],
-                       [[m.get("pairs", len(run.labels)), m.get("judgements"), _fmt(m.get("position_bias_rate")),
-                         _fmt(m.get("position_consistent_pairs")), _fmt(m.get("mean_confidence")),
-                         _fmt(m.get("principle_agreement"))]], range(6))
+        head = ["pairs", "judgements", "position-bias rate", "consistent pairs", "mean confidence",
+                "principle agreement"]
+        if run.label_summary:
+            m = run.label_summary.metrics
+            cells = [m.pairs, m.judgements, _fmt(m.position_bias_rate), _fmt(m.position_consistent_pairs),
+                     _fmt(m.mean_confidence), _fmt(m.principle_agreement)]
+        else:  # the stage is still running: its metrics are written at the end
+            cells = [len(run.labels), "—", "—", "—", "—", "—"]
+        body += _table(head, [cells], range(6))
         body += f'<div class="figs">{"".join(_label_figures(run))}</div>'
     else:
         body += _missing("AI feedback labels", "label")
     body += "<h3>Calibration against human labels</h3>"
     ev = run.eval_summary
     if ev:
-        from cai.stages.label_metrics import CalibrationBin, plot_calibration
+        from cai.stages.label_metrics import plot_calibration
 
-        m = ev["metrics"]
-        bins = [CalibrationBin.model_validate(b) for b in m["bins"]]
+        m = ev.metrics
         with tempfile.TemporaryDirectory() as tmp:
-            uri = _png_file(plot_calibration(bins, Path(tmp) / "cal.png", f"{ev['rows_total']} human pairs"))
+            uri = _png_file(plot_calibration(m.bins, Path(tmp) / "cal.png", f"{ev.rows_total} human pairs"))
         body += _table(["human pairs", "agreement", "ECE", "position-bias rate"],
-                       [[ev["rows_total"], _fmt(m["agreement"]), _fmt(m["ece"]),
-                         _fmt(m["labels"]["position_bias_rate"])]], range(4))
+                       [[ev.rows_total, _fmt(m.agreement), _fmt(m.ece), _fmt(m.labels.position_bias_rate)]], range(4))
         body += _figure(uri, "calibration reliability diagram",
                         "Reliability diagram: predicted P(A better) against how often the human preferred A "
                         "(the human's pick is put in slot A or B by a seeded coin).")
+        if m.per_principle:
+            body += "<h3>Agreement with humans per principle</h3>" + _table(
+                ["principle", "pairs", "agreement", "95% interval", "position-bias rate"],
+                [[p.principle_id, p.agreement.n, _fmt(p.agreement.rate),
+                  f"{_fmt(p.agreement.low, 2)} – {_fmt(p.agreement.high, 2)}", _fmt(p.position_bias_rate)]
+                 for p in m.per_principle], (1, 2, 3, 4))
     elif run.status("label_eval") == "missing" and "label_eval" not in (run.resolved.get("stages") or {}):
         body += ('<p class="missing-note">Not measured: add a <code>label_eval</code> section with human-labelled '
                  "pairs to the pipeline YAML to see the labeler's agreement with humans and its calibration.</p>")
@@ -441,28 +472,135 @@ def ppo_section(run: Run) -> str:
     return _section("ppo", "PPO (RL-CAI)", body)
 
 
-def before_after_section(run: Run, n: int) -> str:
-    from cai.pipeline import CompareRow
+def reward_hacking_section(run: Run) -> str:
+    """RM score, judge win rate, KL and length of PPO's judged steps on one panel, and the divergence flag."""
+    from cai.train.judge_watch import detect_divergence, trace_from_metrics
 
-    rows = _rows(run.dir / LAYOUT["compare"] / "samples.jsonl", CompareRow)
-    s = _json(run.dir / LAYOUT["compare"] / "summary.json")
-    if not rows or not s:
-        return _section("before-after", "Before and after PPO", _missing("before/after samples", "compare"))
-    body = _table(["held-out prompts", "mean score before", "mean score after", "PPO wins", "tokens before",
-                   "tokens after"],
-                  [[s["prompts"], _fmt(s["before_mean_score"]), _fmt(s["after_mean_score"]), _fmt(s["after_wins"]),
-                    _fmt(s["before_mean_tokens"], 1), _fmt(s["after_mean_tokens"], 1)]], range(6))
-    body += ("<p>Both policies answer the same held-out prompts (greedy unless configured otherwise); the reward "
-             "model scores each response (normalised: 0 is its average on the test pairs).</p>")
-    for r in rows[:n]:
-        prompt = "".join(f"<p class=\"text\"><b>{esc(m.role)}:</b> {esc(m.content)}</p>" for m in r.prompt)
-        sides = "".join(
-            f'<div><h4>{esc(title)}</h4><pre class="text">{esc(side.response)}</pre>'
-            f'<div class="score">reward {side.score:+.3f} · {side.tokens} tokens · {esc(side.finish)}</div></div>'
-            for title, side in (("before PPO (SFT policy)", r.before), ("after PPO", r.after))
-        )
+    title = "Reward hacking watch"
+    if not run.trained["ppo"]:
+        return _section("reward-hacking", title, _missing("the judge's view of PPO", "ppo"))
+    trace = trace_from_metrics(_metrics(run.dir / LAYOUT["ppo"] / "metrics.jsonl"))
+    if not trace:
+        return _section("reward-hacking", title, (
+            '<p class="note">Not measured: PPO logged no <code>judge_win_rate</code>. With <code>judge_every</code> '
+            "set, PPO's held-out answers are judged against the reference policy's every that many steps, and "
+            "this panel shows the RM score and the judge's win rate side by side.</p>"))
+    verdict = detect_divergence(trace)
+    flag = (f'<p class="flag">Divergence flagged ({esc(", ".join(verdict.reasons))}): {esc(verdict.message)}.</p>'
+            if verdict.flagged else f"<p>No divergence flagged ({esc(verdict.message)}).</p>")
+    body = flag + _figure(_png(_watch_figure(trace)), "reward hacking panel",
+                          "Each series rescaled to its own range over the run (raw ranges in the legend): an RM "
+                          "score that climbs while the judge's win rate over the reference falls is reward hacking.")
+    return _section("reward-hacking", title, body)
+
+
+def _watch_figure(trace: list[Any]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    steps = [p.step for p in trace]
+    for field, label in (("rm_score", "RM score"), ("judge_win_rate", "judge win rate"), ("kl", "KL"),
+                         ("mean_length", "mean length")):
+        ys = [getattr(p, field) for p in trace]
+        lo, hi = min(ys), max(ys)
+        scaled = [(y - lo) / (hi - lo) if hi > lo else 0.5 for y in ys]
+        ax.plot(steps, scaled, marker="o", label=f"{label} [{lo:.3g}, {hi:.3g}]")
+    ax.set_xlabel("PPO step")
+    ax.set_ylabel("rescaled to [0, 1]")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def eval_section(run: Run, n: int) -> str:
+    from cai.stages.eval import plot_elo
+    from cai.stages.eval_answers import AnswerRecord
+
+    e = run.policy_eval
+    title = "Policies rated by the AI judge"
+    if e is None:
+        return _section("eval", title, _missing("harmlessness and helpfulness ratings", "eval"))
+    rows = [[h.policy, f"{h.elo:.0f}", f"{h.low:.0f} – {h.high:.0f}", f"{g.elo:.0f}", f"{g.low:.0f} – {g.high:.0f}"]
+            for h, g in zip(e.elo.harmless.policies, e.elo.helpful.policies)]
+    body = _table(["policy", "harmlessness Elo", "95% interval", "helpfulness Elo", "95% interval"], rows, (1, 2, 3, 4))
+    axes = [e.elo.harmless, e.elo.helpful]
+    body += ("<p>" + esc("; ".join(f"{a.axis}: {a.prompts} prompts, {a.pairs} judged pairs under {a.constitution}, "
+                                   f"{a.position_consistent:.0%} order-consistent" for a in axes)) + f". Judge "
+             f"{esc(e.elo.judge)}; intervals from {e.elo.bootstrap} prompt-bootstrap refits. Overlapping intervals "
+             "mean the judge cannot tell those policies apart.</p>")
+    shaky = [a for a in axes if a.position_consistent < 0.5]
+    if shaky:
+        body += ('<p class="flag">' + esc("; ".join(f"{a.axis}: the judge gave the same verdict in both orders on "
+                                                    f"only {a.position_consistent:.0%} of pairs" for a in shaky))
+                 + ". It mostly follows the answer's slot, so these ratings say little about the policies whatever "
+                 "their intervals (the intervals resample prompts; they do not include the judge's own bias).</p>")
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = _png_file(plot_elo(e.elo, Path(tmp) / "elo.png"))
+    body += _figure(uri, "harmlessness vs helpfulness Elo", "One point per policy; up and right is better. Bars are "
+                    "95% bootstrap intervals over prompts.")
+    answers = [a for a in _rows(run.dir / LAYOUT["eval"] / "answers.jsonl", AnswerRecord) if a.prompt_set == "red_team"]
+    by_prompt: dict[int, list[Any]] = defaultdict(list)
+    for a in answers:
+        by_prompt[a.prompt_index].append(a)
+    for i in sorted(by_prompt)[:n]:
+        prompt = "".join(f"<p class=\"text\"><b>{esc(m.role)}:</b> {esc(m.content)}</p>" for m in by_prompt[i][0].prompt)
+        sides = "".join(f'<div><h4>{esc(a.policy)}</h4><pre class="text">{esc(a.response)}</pre>'
+                        f'<div class="score">{a.tokens} tokens · {esc(a.finish)}</div></div>' for a in by_prompt[i])
         body += f'<div class="sample"><div class="prompt">{prompt}</div><div class="pair">{sides}</div></div>'
-    return _section("before-after", "Before and after PPO", body)
+    return _section("eval", title, body)
+
+
+def refusals_section(run: Run) -> str:
+    e = run.policy_eval
+    title = "Over-refusal"
+    if e is None:
+        return _section("refusals", title, _missing("refusal rates", "eval"))
+    r = e.refusals
+    if r is None:
+        return _section("refusals", title, '<p class="note">Not measured: the eval ran without benign and harmful '
+                        "prompts.</p>")
+
+    def cell(x: Any) -> str:
+        return "—" if x.rate is None else f"{x.rate:.0%} ({x.low:.0%} – {x.high:.0%})"
+
+    rows = [[p.policy, cell(p.benign_refusal_judge), cell(p.benign_refusal_rule), cell(p.harmful_compliance_judge),
+             cell(p.harmful_compliance_rule), cell(p.disagreement)] for p in r.policies]
+    body = _table(["policy", "benign refused (judge)", "benign refused (rule)", "harmful answered (judge)",
+                   "harmful answered (rule)", "judge vs rule disagree"], rows, (1, 2, 3, 4, 5))
+    body += (f"<p>{r.benign_prompts} benign prompts that look sensitive but deserve an answer, {r.harmful_prompts} "
+             f"harmful ones; lower is better in every column. The judge ({esc(r.judge)}, template {esc(r.template)}) "
+             "answers a multiple-choice question per reply in both option orders; the rule is a list of "
+             f"{len(r.patterns)} refusal phrases. Brackets: 95% Wilson intervals.</p>")
+    body += _figure(_png(_refusal_figure(r)), "refusal rates", "Benign prompts refused and harmful prompts answered, "
+                    "per policy, by the judge (bars) and the phrase rule (markers).")
+    return _section("refusals", title, body)
+
+
+def _refusal_figure(r: Any) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    xs = range(len(r.policies))
+    for offset, field, rule, label in ((-0.2, "benign_refusal_judge", "benign_refusal_rule", "benign refused"),
+                                       (0.2, "harmful_compliance_judge", "harmful_compliance_rule", "harmful answered")):
+        shares = [getattr(p, field) for p in r.policies]
+        rates = [s.rate or 0.0 for s in shares]
+        err = [[rt - (s.low or 0.0) for rt, s in zip(rates, shares)], [(s.high or 0.0) - rt for rt, s in zip(rates, shares)]]
+        ax.bar([x + offset for x in xs], rates, width=0.4, yerr=err, capsize=3, label=f"{label} (judge)")
+        ax.scatter([x + offset for x in xs], [getattr(p, rule).rate or 0.0 for p in r.policies], color="black",
+                   marker="x", zorder=3, label=f"{label} (rule)")
+    ax.set_xticks(list(xs), [p.policy for p in r.policies])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of prompts")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
 
 
 # ---------------------------------------------------------------- the page
@@ -481,7 +619,8 @@ def render_report(run_dir: str | Path, samples: int = 4) -> str:
     nav = "".join(f'<a href="#{s}">{esc(s.replace("-", " "))}</a>' for s in SECTIONS)
     parts = [
         summary_section(run), principles_section(run), samples_section(run, samples), labels_section(run),
-        reward_section(run), sft_section(run), ppo_section(run), before_after_section(run, samples),
+        reward_section(run), sft_section(run), ppo_section(run), reward_hacking_section(run),
+        eval_section(run, samples), refusals_section(run),
     ]
     config = esc(json.dumps(run.resolved, indent=2)) if run.resolved else "no config.json yet"
     return (

@@ -19,8 +19,6 @@ from cai.errors import CaiError
 from cai.pipeline import (
     LAYOUT,
     STAGE_NAMES,
-    CompareRow,
-    CompareSummary,
     RunLog,
     downstream,
     load_pipeline,
@@ -28,6 +26,9 @@ from cai.pipeline import (
     run_pipeline,
 )
 from cai.records import SFTRecord
+from cai.stages.eval import PolicyEvalSummary
+from cai.stages.eval_answers import AnswerRecord
+from cai.stages.eval_judge import JudgedPair
 from cai.stages.label import LabelRecord
 from cai.stages.label_eval import EvalSummary
 from cai.stages.mix import MixSummary
@@ -58,7 +59,8 @@ def pipeline_yaml(tmp: Path, model: Path, repo: Path, run_dir: str = "run", **se
                 "log_every": 1},
         "ppo": {"max_steps": 2, "prompts_per_step": 2, "batch_size": 2, "max_new_tokens": 6, "ppo_epochs": 1,
                 "save_every": 1, "sample_every": 1, "samples_per_log": 2},
-        "compare": {"limit": 2, "max_new_tokens": 5},
+        "eval": {"red_team_limit": 2, "helpful_limit": 2, "refusal_limit": 2, "max_new_tokens": 5, "principles": 1,
+                 "bootstrap": 20},
     }
     for name, fields in sections.items():
         doc[name] = {**doc.get(name, {}), **fields}
@@ -68,11 +70,16 @@ def pipeline_yaml(tmp: Path, model: Path, repo: Path, run_dir: str = "run", **se
 
 
 def content(path: Path, model: type) -> dict[str, dict]:
-    """Rows by id without the wall-clock timestamp."""
+    """Rows by id without the wall-clock timestamps."""
     rows = {}
     for r in read_records(path, model):
         d = r.model_dump(mode="json")
-        d["provenance"].pop("created_at")
+        for holder in (d, d.get("provenance"), (d.get("label") or {}).get("provenance")):
+            if isinstance(holder, dict):
+                holder.pop("created_at", None)
+        if model is AnswerRecord:  # the policies' paths are in this run's directory
+            d.pop("model")
+            d.pop("policy_model")
         rows[r.id] = d
     return rows
 
@@ -119,10 +126,17 @@ def test_full_pipeline_writes_every_stage_in_its_documented_schema(full_run: Pat
     for name in ("rm", "sft", "ppo"):
         metrics = [json.loads(x) for x in (run / name / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in metrics if m["split"] == "train"] == [1, 2]
-    compare = read_records(run / "compare" / "samples.jsonl", CompareRow)
+    answers = read_records(run / "eval" / "answers.jsonl", AnswerRecord)
     red_team = [json.loads(x)["prompt"] for x in (repo_root / "examples" / "red_team_prompts.jsonl").open()]
-    assert [r.prompt[-1].content for r in compare] == red_team[4:6]  # held out: after generate's 4
-    CompareSummary.model_validate_json((run / "compare" / "summary.json").read_text())
+    for policy in ("initial", "sl-cai", "rl-cai"):  # held out: the red-team prompts after generate's 4
+        mine = sorted((a for a in answers if a.policy == policy and a.prompt_set == "red_team"),
+                      key=lambda a: a.prompt_index)
+        assert [a.prompt[-1].content for a in mine] == red_team[4:6]
+    assert {a.model for a in answers} == {str(tiny_model_dir), str(run / "sft" / "final"), str(run / "ppo" / "final")}
+    summary = PolicyEvalSummary.model_validate_json((run / "eval" / "summary.json").read_text())
+    assert [p.policy for p in summary.elo.harmless.policies] == ["initial", "sl-cai", "rl-cai"]
+    assert summary.elo.harmless.pairs == 2 * 3 and summary.elo.helpful.pairs == 2 * 3
+    assert summary.refusals is not None and summary.refusals.benign_prompts == 2
 
     log = RunLog.load(run)
     assert list(log.stages) == list(STAGE_NAMES)
@@ -209,7 +223,8 @@ def test_killed_mid_stage_then_rerun_equals_uninterrupted_run(
     assert content(run / LAYOUT["label"], LabelRecord) == content(ref / LAYOUT["label"], LabelRecord)
     for name in ("train.jsonl", "test.jsonl"):
         assert (run / "mix" / name).read_bytes() == (ref / "mix" / name).read_bytes()
-    assert (run / "compare" / "samples.jsonl").read_bytes() == (ref / "compare" / "samples.jsonl").read_bytes()
+    assert content(run / "eval" / "answers.jsonl", AnswerRecord) == content(ref / "eval" / "answers.jsonl", AnswerRecord)
+    assert content(run / "eval" / "judged.jsonl", JudgedPair) == content(ref / "eval" / "judged.jsonl", JudgedPair)
     for name in ("rm", "sft", "ppo"):
         mine = load_file(run / name / "final" / "model.safetensors")
         theirs = load_file(ref / name / "final" / "model.safetensors")
@@ -264,25 +279,20 @@ def test_config_errors_name_their_line_or_set(tmp_path: Path, tiny_model_dir: Pa
     assert not run_dir_of(cfg).exists()  # nothing ran
 
 
-def test_compare_answers_held_out_prompts_with_both_policies_and_scores_them(
-    full_run: Path, tiny_model_dir: Path, repo_root: Path, tmp_path: Path
-) -> None:
-    from cai.pipeline import CompareConfig, CompareRow, RunContext, run_compare
-    from cai.train.reward import RewardScorer
-
-    rm = run_dir_of(full_run) / "rm" / "final"
-    cfg = CompareConfig(prompts=repo_root / "examples" / "red_team_prompts.jsonl", skip=4, limit=3,
-                        before=str(tiny_model_dir), after=str(tiny_model_dir), reward_model=str(rm),
-                        out=tmp_path / "cmp", max_new_tokens=5)
-    summary = run_compare(cfg, RunContext(progress=False))
-    rows = read_records(tmp_path / "cmp" / "samples.jsonl", CompareRow)
-    prompts = [json.loads(x)["prompt"] for x in (repo_root / "examples" / "red_team_prompts.jsonl").open()][4:7]
-    assert [r.prompt[-1].content for r in rows] == prompts
-    # the same greedy policy on both sides: same text, same score, half the wins
-    assert all(r.before == r.after for r in rows)
-    assert summary.after_wins == 0.5 and summary.prompts == 3
-    scorer = RewardScorer(rm, normalize=True)
-    expected = scorer.score_messages([[m.model_dump() for m in r.prompt] + [{"role": "assistant", "content": r.after.response}]
-                                      for r in rows])
-    assert [r.after.score for r in rows] == pytest.approx(expected, abs=1e-5)
-    assert summary.after_mean_score == pytest.approx(sum(expected) / 3, abs=1e-5)
+def test_compare_section_is_read_as_a_deprecated_alias_of_eval(tmp_path: Path, tiny_model_dir: Path,
+                                                              repo_root: Path) -> None:
+    cfg = pipeline_yaml(tmp_path, tiny_model_dir, repo_root)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["compare"] = {"limit": 3, "max_new_tokens": 7}
+    del doc["eval"]
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.warns(FutureWarning, match="`compare` is deprecated: it is now `eval`"):
+        pipe = load_pipeline(cfg)
+    ev = pipe.stages["eval"]
+    assert (ev.red_team_limit, ev.max_new_tokens, ev.red_team_skip) == (3, 7, 4)
+    assert [p.model for p in ev.policies] == [str(tiny_model_dir), str(run_dir_of(cfg) / "sft" / "final"),
+                                              str(run_dir_of(cfg) / "ppo" / "final")]
+    doc["eval"] = {"bootstrap": 20}
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with pytest.raises(CaiError, match="both `compare` and `eval`"):
+        load_pipeline(cfg)

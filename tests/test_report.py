@@ -21,8 +21,10 @@ import yaml
 from test_pipeline import pipeline_yaml
 
 from cai.cli import main
+from cai.errors import CaiError
 from cai.pipeline import STAGE_NAMES
 from cai.report import SECTIONS, render_report
+from cai.stages.eval import PolicyEvalSummary
 
 NASTY = '<script>alert("x")</script> & <img src=x onerror=alert(1)>'
 
@@ -42,7 +44,18 @@ def runs(tiny_model_dir: Path, repo_root: Path, tmp_path_factory: pytest.TempPat
         cfg = pipeline_yaml(tmp, tiny_model_dir, repo_root, run_dir=name, generate={"prompts": str(prompts)})
         assert main(["run", str(cfg), "--quiet", *until]) == 0
         out[name] = Path(yaml.safe_load(cfg.read_text())["run_dir"])
+    out["hacked"] = hacked_copy(out["full"], tmp / "hacked")
     return out
+
+
+def hacked_copy(run: Path, dest: Path) -> Path:
+    """The full run with a PPO log whose judged steps show reward hacking (RM score up, judge win rate
+    down, answers growing): what PPO writes once its log phase calls the judge every `judge_every` steps."""
+    shutil.copytree(run, dest)
+    rows = [{"split": "train", "step": s, "score": 0.3 * s, "kl": 0.02 * s, "response_length": 20.0 + 8 * s,
+             "judge_win_rate": 0.55 - 0.04 * s} for s in range(1, 7)]
+    (dest / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dest
 
 
 def section_html(page: str, sid: str) -> str:
@@ -55,7 +68,7 @@ def test_partial_run_has_every_section_and_says_what_has_not_run(runs: dict[str,
     page = render_report(runs["partial"])
     for sid in SECTIONS:
         section_html(page, sid)
-    for sid in ("reward-model", "sft", "ppo", "before-after"):
+    for sid in ("reward-model", "sft", "ppo", "reward-hacking", "eval", "refusals"):
         assert "has not run yet" in section_html(page, sid)
     for sid in ("principles", "samples"):
         assert "has not run yet" not in section_html(page, sid)
@@ -73,11 +86,48 @@ def test_all_text_is_escaped_and_the_page_is_self_contained(runs: dict[str, Path
     assert html_escaped(NASTY) in section_html(page, "samples")
     assert not re.search(r'(src|href)="(?!data:image/png;base64,|#)', page)  # no external resource at all
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == 6  # label histogram, position bias, calibration; RM, SFT and PPO curves
+    assert len(images) == 8  # label histogram, position bias, calibration; RM, SFT, PPO curves; Elo; refusals
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     for sid in SECTIONS:
         assert "has not run yet" not in section_html(page, sid)
-    assert "PPO wins" in section_html(page, "before-after")
+    summary = PolicyEvalSummary.model_validate_json((runs["full"] / "eval" / "summary.json").read_text())
+    ev = section_html(page, "eval")
+    for h, g in zip(summary.elo.harmless.policies, summary.elo.helpful.policies):
+        assert f"<td>{h.policy}</td><td class=\"num\">{h.elo:.0f}</td><td class=\"num\">{h.low:.0f} – {h.high:.0f}</td>" \
+            f"<td class=\"num\">{g.elo:.0f}</td>" in ev
+    shaky = min(summary.elo.harmless.position_consistent, summary.elo.helpful.position_consistent) < 0.5
+    assert ("it mostly follows the answer&#x27;s slot" in ev.replace("It mostly", "it mostly")) == shaky
+    refusals = section_html(page, "refusals")
+    assert summary.refusals is not None
+    first = summary.refusals.policies[0]
+    assert f"<td>{first.policy}</td><td class=\"num\">{first.benign_refusal_judge.rate:.0%}" in refusals
+    assert "Not measured: PPO logged no <code>judge_win_rate</code>" in section_html(page, "reward-hacking")
+
+
+def test_labels_section_shows_agreement_per_principle_from_the_typed_summary(runs: dict[str, Path]) -> None:
+    from cai.stages.label_eval import EvalSummary
+
+    labels = section_html(render_report(runs["full"]), "labels")
+    ev = EvalSummary.model_validate_json((runs["full"] / "label_eval" / "metrics.json").read_text())
+    assert "Agreement with humans per principle" in labels and ev.metrics.per_principle
+    for p in ev.metrics.per_principle:
+        assert f'<td>{p.principle_id}</td><td class="num">{p.agreement.n}</td>' in labels
+
+
+def test_reward_hacking_panel_flags_a_hacked_trace(runs: dict[str, Path]) -> None:
+    panel = section_html(render_report(runs["hacked"]), "reward-hacking")
+    assert "Divergence flagged (rm_up_judge_down, length_without_win)" in panel
+    assert "RM score +0.45 -&gt; +1.65 while the judge win rate fell 0.49 -&gt; 0.33" in panel
+    assert panel.count("data:image/png;base64,") == 1
+
+
+def test_a_summary_that_does_not_fit_its_model_is_an_error_not_a_blank_section(runs: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    run = shutil.copytree(runs["full"], tmp_path / "run")
+    path = run / "eval" / "summary.json"
+    path.write_text(path.read_text().replace('"judged_pairs"', '"pairs_judged"'))
+    with pytest.raises(CaiError, match=r"eval/summary.json: not a PolicyEvalSummary \(pairs_judged: Extra inputs"):
+        render_report(run)
 
 
 def html_escaped(text: str) -> str:
@@ -92,7 +142,7 @@ def test_cli_writes_the_page(runs: dict[str, Path], tmp_path: Path, capsys: pyte
     assert f"wrote {out}" in capsys.readouterr().out
     page = out.read_text()
     assert section_html(page, "samples").count('<div class="sample">') == 2
-    assert section_html(page, "before-after").count('<div class="sample">') == 2
+    assert section_html(page, "eval").count('<div class="sample">') == 2
     assert main(["report", str(tmp_path / "nothing")]) == 1
     assert "is not a directory" in capsys.readouterr().err
 
@@ -214,7 +264,7 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-@pytest.mark.parametrize("which", ["full", "partial"])
+@pytest.mark.parametrize("which", ["full", "partial", "hacked"])
 def test_report_renders_in_headless_chromium(runs: dict[str, Path], which: str, tmp_path: Path) -> None:
     binary = chromium_binary()
     if binary is None:
@@ -227,12 +277,16 @@ def test_report_renders_in_headless_chromium(runs: dict[str, Path], which: str, 
         ids = browser.evaluate("[...document.querySelectorAll('main > section')].map(s => s.id)")
         assert ids == [*SECTIONS, "config"]
         titles = browser.evaluate("[...document.querySelectorAll('section h2')].map(h => h.textContent)")
-        assert "Reward model" in titles and "Before and after PPO" in titles
+        for title in ("Reward model", "Reward hacking watch", "Policies rated by the AI judge", "Over-refusal"):
+            assert title in titles
         images = browser.evaluate("[...document.images].map(i => [i.complete, i.naturalWidth])")
         assert all(done and width > 100 for done, width in images)
-        assert len(images) == (6 if which == "full" else 2)
+        assert len(images) == {"full": 8, "partial": 2, "hacked": 9}[which]  # hacked: + the reward-hacking panel
         shown = browser.evaluate("document.querySelectorAll('.missing-note').length")
-        assert shown == (5 if which == "partial" else 0)  # partial: label_eval, rm, sft, ppo, compare
+        # partial: label_eval, rm, sft, ppo, reward-hacking, eval, refusals
+        assert shown == (7 if which == "partial" else 0)
+        flags = browser.evaluate("document.querySelectorAll('#reward-hacking .flag').length")
+        assert flags == (1 if which == "hacked" else 0)
         browser.screenshot(tmp_path / "report.png")
         assert browser.problems() == []
         assert [u for u in browser.requests() if not u.startswith("data:image/png;base64,")] == [page.as_uri()]

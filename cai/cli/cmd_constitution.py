@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     show = cmds.add_parser("show", help="print a constitution's principles as a table (exit 1 if invalid)")
     show.add_argument("path", metavar="PATH")
     show.add_argument("--yaml", action="store_true", help="print the canonical YAML instead of a table")
+    show.add_argument("--metrics", metavar="METRICS_JSON",
+                      help="a `cai label eval` metrics.json: add each principle's agreement with the human labels "
+                      "(95%% interval, pairs) and position-bias rate to the table")
     show.set_defaults(func=run_show)
 
 
@@ -91,15 +94,39 @@ def run_lint(args: argparse.Namespace) -> int:
     return 1 if totals["warning"] else 0
 
 
-def _table(c: Constitution) -> list[str]:
+def _table(c: Constitution, extra: tuple[list[str], dict[str, list[str]]] | None = None) -> list[str]:
+    """One row per principle; `extra` = (column heads, cells by principle id) goes before the critique."""
     total = sum(p.weight for p in c.principles)
-    rows = [(p.id, f"{p.weight:g}", f"{p.weight / total:.0%}", ",".join(p.tags), " ".join(p.critique.split()))
-            for p in c.principles]
-    head = ("id", "weight", "share", "tags", "critique")
-    widths = [max(len(r[k]) for r in [head, *rows]) for k in range(4)]
-    room = max(WIDTH - sum(widths) - 2 * 4, 20)
-    return ["  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths)) + "  "
-            + textwrap.shorten(r[4], room, placeholder="...") for r in [head, *rows]]
+    more_head, more = extra or ([], {})
+    blank = ["-"] * len(more_head)
+    rows = [(p.id, f"{p.weight:g}", f"{p.weight / total:.0%}", ",".join(p.tags), *more.get(p.id, blank),
+             " ".join(p.critique.split())) for p in c.principles]
+    head = ("id", "weight", "share", "tags", *more_head, "critique")
+    fixed = len(head) - 1
+    widths = [max(len(r[k]) for r in [head, *rows]) for k in range(fixed)]
+    room = max(WIDTH - sum(widths) - 2 * fixed, 20)
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r[:fixed], widths)) + "  "
+            + textwrap.shorten(r[fixed], room, placeholder="...") for r in [head, *rows]]
+
+
+def _metric_columns(path: str) -> tuple[list[str], dict[str, list[str]]]:
+    """Per-principle agreement columns from a `cai label eval` metrics.json."""
+    from pydantic import ValidationError
+
+    from cai.errors import CaiError
+    from cai.stages.label_eval import EvalSummary
+
+    try:
+        summary = EvalSummary.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CaiError(f"--metrics {path}: cannot read it ({e.strerror})") from None
+    except ValidationError as e:
+        raise CaiError(f"--metrics {path}: not a `cai label eval` metrics.json ({e.errors()[0]['msg']})") from None
+    cells = {}
+    for p in summary.metrics.per_principle:
+        a = p.agreement
+        cells[p.principle_id] = [f"{a.rate:.2f}", f"{a.low:.2f}-{a.high:.2f}", str(a.n), f"{p.position_bias_rate:.2f}"]
+    return ["agree", "95% CI", "pairs", "pos-bias"], cells
 
 
 def run_show(args: argparse.Namespace) -> int:
@@ -112,5 +139,9 @@ def run_show(args: argparse.Namespace) -> int:
     print(f"name:        {c.name}\nversion:     {c.version}\ndescription: {description.lstrip()}\n"
           f"sha256:      {c.sha256}\nfew-shot:    {c.few_shot_path}{missing}\n"
           f"principles:  {len(c.principles)}  tags: {', '.join(c.tags) or '-'}\n")
-    print("\n".join(_table(c)))
+    extra = _metric_columns(args.metrics) if args.metrics else None
+    print("\n".join(_table(c, extra)))
+    if extra is not None:
+        print(f"\nagree: share of human-labelled pairs where the principle alone picks the human's choice (from "
+              f"{args.metrics}); pos-bias: share of its judgements that flip when the answers swap slots; '-': not judged.")
     return 0

@@ -10,9 +10,9 @@ GROUP = None
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
-        help="run the whole pipeline (generate, label, mix, rm, sft, ppo, compare) into one run directory",
+        help="run the whole pipeline (generate, label, mix, rm, sft, ppo, eval) into one run directory",
         description="Run critique-revise -> AI feedback labels (-> labeler vs human labels) -> mix -> reward model "
-        "-> SFT -> PPO -> before/after comparison as configured by PIPELINE.yaml. Each stage writes under RUN_DIR/<stage>; a stage that is already done is skipped and an "
+        "-> SFT -> PPO -> eval (policies rated by the AI judge) as configured by PIPELINE.yaml. Each stage writes under RUN_DIR/<stage>; a stage that is already done is skipped and an "
         "interrupted one resumes, so rerunning the same command after a crash finishes the run. "
         "Then `cai report RUN_DIR` renders the results as one HTML page.",
     )

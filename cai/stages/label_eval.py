@@ -24,6 +24,7 @@ from cai.stages.label_metrics import (
     calibration_bins,
     expected_calibration_error,
     human_agreement,
+    per_principle_agreement,
     plot_calibration,
 )
 from cai.stages.pairs import HumanPair, Pair, read_human_pairs, row_seed
@@ -83,6 +84,9 @@ class EvalSummary(BaseModel):
             f"agreement with humans {m.agreement:.3f}; position-bias rate {m.labels.position_bias_rate:.3f}; "
             f"ECE ({m.n_bins} bins) {m.ece:.3f}; mean confidence {m.labels.mean_confidence:.3f}\n"
             f"wall {self.wall_seconds:.1f}s ({per_pair} per pair)"
+            + "".join(f"\n  {p.principle_id:<24} agreement {p.agreement.rate:.3f} [{p.agreement.low:.3f}, "
+                      f"{p.agreement.high:.3f}] over {p.agreement.n} pairs; position-bias rate {p.position_bias_rate:.3f}"
+                      for p in m.per_principle)
         )
 
 
@@ -93,6 +97,8 @@ def eval_metrics(records: list[LabelRecord]) -> EvalMetrics:
     return EvalMetrics(
         agreement=human_agreement(probs, human_a), ece=expected_calibration_error(bins), n_bins=N_BINS, bins=bins,
         human_in_slot_a=sum(human_a) / len(human_a) if human_a else 0.0, labels=metrics_of(records),
+        per_principle=per_principle_agreement([(x.principle_id, x.p_ab, x.p_ba, r.human_choice == "A")
+                                               for r in records for x in r.principles]),
     )
 
 

@@ -15,7 +15,9 @@ import itertools
 import math
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from cai.stats import Share, share
 
 
 def verdict(p: float) -> int:
@@ -165,6 +167,36 @@ def label_metrics(
     )
 
 
+class PrincipleAgreement(BaseModel):
+    """One principle's own verdicts against the human labels: does asking this question help?"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    principle_id: str
+    agreement: Share = Field(description="pairs where the principle's verdict matches the human (a tie counts 1/2)")
+    position_bias_rate: float = Field(description="share of its judgements whose verdict flips with the order")
+    mean_confidence: float
+
+
+def per_principle_agreement(judgements: list[tuple[str, float, float, bool]]) -> list[PrincipleAgreement]:
+    """(principle id, p_ab, p_ba, human preferred A) per judgement -> one row per principle, by id.
+
+    A principle's verdict is that of p = (p_ab + p_ba) / 2, scored as in `human_agreement`."""
+    by_id: dict[str, list[tuple[float, float, bool]]] = {}
+    for pid, ab, ba, human_a in judgements:
+        by_id.setdefault(pid, []).append((ab, ba, human_a))
+    out = []
+    for pid in sorted(by_id):
+        rows = by_id[pid]
+        probs = [(ab + ba) / 2 for ab, ba, _ in rows]
+        hits = human_agreement(probs, [h for _, _, h in rows]) * len(rows)
+        out.append(PrincipleAgreement(
+            principle_id=pid, agreement=share(hits, len(rows)),
+            position_bias_rate=position_bias_rate([(ab, ba) for ab, ba, _ in rows]), mean_confidence=mean_confidence(probs),
+        ))
+    return out
+
+
 class EvalMetrics(BaseModel):
     """AI labels against human labels."""
 
@@ -176,3 +208,4 @@ class EvalMetrics(BaseModel):
     bins: list[CalibrationBin]
     human_in_slot_a: float  # share of pairs where the human-chosen response was shown as A
     labels: LabelMetrics
+    per_principle: list[PrincipleAgreement] = Field(default_factory=list, description="agreement of each principle alone")
