@@ -34,3 +34,19 @@ def test_hub_ids_and_hub_cache_snapshots(tmp_path):
     snap = tmp_path / "hub" / "models--google--gemma-3-1b-it" / "snapshots" / "abc123"
     snap.mkdir(parents=True)
     assert stable_model_id(snap) == "google/gemma-3-1b-it@abc123"
+
+
+def test_two_fine_tunes_of_one_base_get_different_ids(tiny_model_dir, tmp_path):
+    """SFT and PPO finals share config.json and every file size: only the weights' bytes tell them apart,
+    and they must, or a labelling run of one would resume into the other's output."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_model_dir, tuned)
+    weights = load_file(tuned / "model.safetensors")
+    name = max(weights)
+    weights[name] = weights[name] + 1e-3 * torch.ones_like(weights[name])  # a fine-tune's small step
+    save_file(weights, tuned / "model.safetensors", metadata={"format": "pt"})
+    assert (tuned / "model.safetensors").stat().st_size == (tiny_model_dir / "model.safetensors").stat().st_size
+    assert stable_model_id(tuned) != stable_model_id(tiny_model_dir)

@@ -132,7 +132,9 @@ def test_full_pipeline_writes_every_stage_in_its_documented_schema(full_run: Pat
         mine = sorted((a for a in answers if a.policy == policy and a.prompt_set == "red_team"),
                       key=lambda a: a.prompt_index)
         assert [a.prompt[-1].content for a in mine] == red_team[4:6]
-    assert {a.model for a in answers} == {str(tiny_model_dir), str(run / "sft" / "final"), str(run / "ppo" / "final")}
+    policies = (tiny_model_dir, run / "sft" / "final", run / "ppo" / "final")
+    assert {a.model for a in answers} == {stable_model_id(p) for p in policies}
+    assert len({stable_model_id(p) for p in policies}) == 3  # two fine-tunes of one base stay apart
     summary = PolicyEvalSummary.model_validate_json((run / "eval" / "summary.json").read_text())
     assert [p.policy for p in summary.elo.harmless.policies] == ["initial", "sl-cai", "rl-cai"]
     assert summary.elo.harmless.pairs == 2 * 3 and summary.elo.helpful.pairs == 2 * 3
