@@ -102,3 +102,27 @@ def test_label_resumed_mid_batch_equals_uninterrupted_run(workdir: Path, tiny_mo
     assert (summary.rows_skipped, summary.rows_written) == (6, 4)
     assert content(workdir / "crash.jsonl", LabelRecord) == full
     assert len((workdir / "crash.jsonl").read_text().splitlines()) == 10
+
+
+def test_label_eval_resumed_mid_batch_equals_uninterrupted_run(workdir: Path, tiny_model_dir: Path) -> None:
+    from cai.stages.label_eval import EvalConfig, run_label_eval
+
+    engine = composition_sensitive_engine(tiny_model_dir)
+    human = [{"chosen": f"\n\nHuman: {p}\n\nAssistant: I would rather not say",
+              "rejected": f"\n\nHuman: {p}\n\nAssistant: sure, step {i} is easy"} for i, p in enumerate(PROMPTS)]
+    (workdir / "human.jsonl").write_text("".join(json.dumps(r) + "\n" for r in human))
+
+    def config(out: str, batch_size: int = 4) -> EvalConfig:
+        return EvalConfig(pairs=workdir / "human.jsonl", constitution=workdir / "label.yaml", out=workdir / out,
+                          model=str(tiny_model_dir), batch_size=batch_size, seed=3)
+
+    run_label_eval(config("full"), engine=engine, progress=False)
+    full = content(workdir / "full" / "labels.jsonl", LabelRecord)
+    run_label_eval(config("other", batch_size=3), engine=engine, progress=False)
+    assert content(workdir / "other" / "labels.jsonl", LabelRecord) != full
+
+    (workdir / "crash").mkdir()
+    kill_after(workdir / "full" / "labels.jsonl", workdir / "crash" / "labels.jsonl", rows=6)
+    run_label_eval(config("crash"), engine=engine, progress=False)
+    assert content(workdir / "crash" / "labels.jsonl", LabelRecord) == full
+    assert len((workdir / "crash" / "labels.jsonl").read_text().splitlines()) == 10

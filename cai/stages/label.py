@@ -370,15 +370,22 @@ def label_into(
     labeler: Labeler, store: JsonlStore, todo: list[tuple[str, Pair, dict[str, Any]]], source: str,
     batch_size: int, bar: tqdm | None = None,
 ) -> int:
-    """Label (id, pair, record extras) in batches and append each row as soon as its batch is done."""
+    """Label (id, pair, record extras) in batches fixed by position in `todo` (every row of the run,
+    written or not), appending each new row as soon as its batch is done. A batch with any row missing
+    from `store` is labelled whole, so a resumed run computes each row with the same batch-mates as an
+    uninterrupted one; rows already written are not written again."""
     written = 0
     for b in range(0, len(todo), batch_size):
         batch = todo[b : b + batch_size]
+        missing = [rid for rid, _, _ in batch if rid not in store]
+        if not missing:
+            continue
         for record in judge_records(labeler, batch, source):
-            store.append(record)
-            written += 1
+            if record.id not in store:
+                store.append(record)
+                written += 1
         if bar is not None:
-            bar.update(len(batch))
+            bar.update(len(missing))
     return written
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
-from cai.engines.base import Engine
+from cai.engines.base import Engine, engine_fingerprint
 from cai.hashing import record_id, sha256_of
 from cai.stages.label import LabelerSettings, LabelRecord, label_into, load_labeler, metrics_of
 from cai.stages.label_metrics import (
@@ -106,7 +106,8 @@ def run_label_eval(config: EvalConfig, engine: Engine | None = None, progress: b
     """Label human pairs (resuming DIR/labels.jsonl), then write DIR/metrics.json and DIR/calibration.png."""
     human, malformed = read_human_pairs(config.pairs, limit=config.limit, skip_malformed=config.skip_malformed)
     labeler = load_labeler(config, engine)
-    fingerprint = config.fingerprint(labeler.constitution, labeler.templates, labeler.engine.model_id)
+    fingerprint = {**config.fingerprint(labeler.constitution, labeler.templates, labeler.engine.model_id),
+                   **engine_fingerprint(labeler.engine)}
     config_hash = sha256_of(fingerprint)[:16]
     todo: list[tuple[str, Pair, dict[str, Any]]] = []
     for h in human:
@@ -121,7 +122,7 @@ def run_label_eval(config: EvalConfig, engine: Engine | None = None, progress: b
     start = time.perf_counter()
     with store:
         bar = tqdm(total=len(run_ids), initial=skipped, desc="label eval", unit="pair", disable=not progress)
-        written = label_into(labeler, store, [t for t in todo if t[0] not in store], "human", config.batch_size, bar)
+        written = label_into(labeler, store, todo, "human", config.batch_size, bar)
         bar.close()
         records = [r for r in store.records() if r.id in run_ids]
     wall = time.perf_counter() - start
