@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -510,3 +511,31 @@ def test_vllm_rollouts_of_a_lora_policy_receive_merged_weights_under_the_base_na
     assert all(torch.allclose(p, served[n], atol=1e-6) for n, p in after_one.named_parameters())
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not all(torch.equal(p, served[n]) for n, p in base.named_parameters())
+
+
+# ---------------------------------------------------------------- reward-hacking watch
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_judge_watch_logs_a_win_rate_on_judged_steps_against_the_reference(tiny_model_dir, prompt_files, tmp_path,
+                                                                           lora):
+    """judge_every 2 over 5 steps judges steps 2, 4 and 5 (the last), whatever log_every says. With lr 0
+    the policy stays the reference (its own copy, or with LoRA the adapter turned off), so every
+    greedy answer equals the reference's and the win rate is exactly 0.5."""
+    from test_label import CONSTITUTION
+
+    (tmp_path / "judge.yaml").write_text(CONSTITUTION)
+    extra = {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}} if lora else {}
+    config = _config(tiny_model_dir, prompt_files[0], tmp_path / "run", max_steps=5, lr=1e-30, log_every=3,
+                     prompts_per_step=4, ppo_epochs=1, judge_every=2, judge_prompts=str(prompt_files[1]), judge_limit=2,
+                     judge_model=str(tiny_model_dir), judge_constitution=str(tmp_path / "judge.yaml"), **extra)
+    summary = run_ppo(config, reward_fn=digit_reward, progress=False)
+    rows = _train_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [2, 3, 4, 5]  # 3 by log_every, 2 and 4 by the judge, 5 the last
+    assert [r.get("judge_win_rate") for r in rows] == [0.5, None, 0.5, 0.5]
+    assert summary.divergence is not None and summary.divergence.points == 3 and not summary.divergence.flagged
+
+
+def test_judge_watch_needs_held_out_prompts(tiny_model_dir, prompt_files, tmp_path):
+    with pytest.raises(ValidationError, match="judge_every needs judge_prompts"):
+        _config(tiny_model_dir, prompt_files[0], tmp_path / "run", judge_every=2)

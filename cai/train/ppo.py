@@ -52,6 +52,7 @@ from pydantic import BaseModel, Field
 from cai.errors import CaiError
 from cai.tokens import encode_prompt, ensure_pad_token, has_chat_template, render_chat
 from cai.train.checkpoint import FINAL, save_final, write_json
+from cai.train.judge_watch import Divergence, detect_divergence, trace_from_metrics
 from cai.train.loop import Session, open_run
 from cai.train.lora import adapter_off, add_lora
 from cai.train.metrics import METRICS, plot_curves, read_metrics, trim_after
@@ -70,6 +71,7 @@ from cai.train.ppo_core import (
     response_mask,
     value_loss,
 )
+from cai.train.ppo_judge import PPOJudge
 from cai.train.ppo_models import (
     RewardFn,
     build_sampler,
@@ -117,6 +119,7 @@ class PPOStepStats(BaseModel):
     time_prepare: float
     time_update: float
     lr: float
+    judge_win_rate: float | None = Field(None, description="judged steps only: see cai.train.ppo_judge")
 
 
 class PPOTotals(BaseModel):
@@ -145,6 +148,7 @@ class PPOSummary(BaseModel):
     time_share: dict[str, float] = Field(description="share of step time: generate, score, prepare, update")
     tokens_per_s: float = Field(description="generated tokens per second of whole PPO steps")
     final_dir: str
+    divergence: Divergence | None = Field(None, description="the reward-hacking watch's verdict (judge_every > 0)")
 
     def render(self) -> str:
         share = ", ".join(f"{k} {v:.0%}" for k, v in self.time_share.items())
@@ -153,6 +157,7 @@ class PPOSummary(BaseModel):
             (f"score {self.score_start:+.3f} -> {self.score_end:+.3f}, KL {self.kl_start:.3f} -> {self.kl_end:.3f}, "
             f"response length {self.response_length_start:.1f} -> {self.response_length_end:.1f}"),
             f"step time: {share}",
+            *([f"reward-hacking watch: {self.divergence.message or 'no divergence'}"] if self.divergence else []),
             f"final policy: {self.final_dir}",
         ])
 
@@ -209,10 +214,10 @@ class PPORun:
 
     def __init__(self, config: PPOConfig, acc: Any, out: Path, model_path: str, tokenizer: Any, session: Session,
                  ref: Any, value_kw: dict[str, Any], sampler: RolloutSampler, score_fn: RewardFn,
-                 schedule: PromptSchedule, steps: int):
+                 schedule: PromptSchedule, steps: int, judge: PPOJudge | None = None):
         self.config, self.acc, self.out, self.model_path, self.tokenizer = config, acc, out, model_path, tokenizer
         self.session, self.ref, self.value_kw, self.sampler, self.score_fn = session, ref, value_kw, sampler, score_fn
-        self.schedule, self.steps = schedule, steps
+        self.schedule, self.steps, self.judge = schedule, steps, judge
         self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
         extra = session.state.extra
         self.kl_ctl = KLController(
@@ -304,7 +309,9 @@ def setup(config: PPOConfig, resume: bool, reward_fn: RewardFn | None) -> PPORun
     state = session.resume(last, steps)
     if acc.is_main_process:
         trim_after(out / SAMPLES, state.step)
-    return PPORun(config, acc, out, model_path, tokenizer, session, ref, value_kw, sampler, score_fn, schedule, steps)
+    judge = PPOJudge(config) if config.judge_every and acc.is_main_process else None
+    return PPORun(config, acc, out, model_path, tokenizer, session, ref, value_kw, sampler, score_fn, schedule, steps,
+                  judge)
 
 
 # ---------------------------------------------------------------- 1. rollout, 2. score
@@ -460,8 +467,12 @@ def record(run: PPORun, convs: list[list[dict[str, str]]], batch: Rollout, raw: 
     state.samples += n * run.world
     state.extra["kl_controller"] = run.kl_ctl.state.model_dump()
     state.extra["totals"] = run.totals.model_dump()
-    if state.step % config.log_every == 0 or state.step == run.steps:
-        run.session.log("train", stats.model_dump())
+    judged = run.judge is not None and run.judge.due(state.step, run.steps)
+    if judged:
+        policy = run.acc.unwrap_model(run.policy)
+        stats.judge_win_rate = run.judge.win_rate(policy, run.ref, run.tokenizer).win_rate
+    if judged or state.step % config.log_every == 0 or state.step == run.steps:
+        run.session.log("train", stats.model_dump(exclude_none=True))
     if config.sample_every and run.acc.is_main_process and (state.step % config.sample_every == 0 or state.step == 1):
         lengths, seq_kl = ep.mask.sum(1), ep.kl.sum(1)
         with (run.out / SAMPLES).open("a", encoding="utf-8") as f:
@@ -504,6 +515,7 @@ def finish(run: PPORun, start: float, reward_fn: RewardFn | None) -> PPOSummary:
         response_length_end=mean_of(tail_rows, "response_length"),
         time_share={k: v / all_time for k, v in step_time.items()},
         tokens_per_s=run.totals.generated_tokens / all_time, final_dir=str(out / FINAL),
+        divergence=detect_divergence(trace_from_metrics(rows)) if config.judge_every else None,
     )
     if run.acc.is_main_process:
         write_json(out / "summary.json", summary)

@@ -3,6 +3,7 @@ settings (defaults from the PPO-for-language-models studies; see cai.train.ppo).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -63,6 +64,14 @@ class PPOConfig(TrainConfig):
     reward_max_length: int = Field(1024, ge=8)
     sample_every: int = Field(10, ge=0, description="steps between logged sample responses; 0 = never")
     samples_per_log: int = Field(4, ge=1)
+    judge_every: int = Field(0, ge=0, description="reward-hacking watch: every N steps (and the last) an AI judge "
+                             "compares the policy's greedy answers to held-out prompts with the reference's; 0 = off")
+    judge_prompts: str | None = Field(None, description="held-out prompts for the judge (JSONL/parquet, as `prompts`), "
+                                      "never trained on; required with judge_every")
+    judge_limit: int = Field(16, ge=1, description="judge the first N held-out prompts")
+    judge_model: str | None = Field(None, description="the judge: local path or hub id; None = the bundled Gemma 3 270M")
+    judge_constitution: str | None = Field(None, description="the judge's constitution; None = constitutions/harmless.yaml")
+    judge_principles: int | None = Field(2, ge=1, description="principles per judged pair; None = all")
     # TrainConfig defaults changed for PPO (lr, Adam eps and linear decay as in the PPO-for-LMs studies)
     lr: float = Field(3e-6, gt=0)
     adam_eps: float = Field(1e-5, gt=0)
@@ -79,6 +88,17 @@ class PPOConfig(TrainConfig):
                 f"batch_size * grad_accum ({minibatch})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _judge(self) -> PPOConfig:
+        if self.judge_every and self.judge_prompts is None:
+            raise ValueError("judge_every needs judge_prompts: a file of held-out prompts the judge compares answers on")
+        return self
+
+    def judge_constitution_path(self) -> Path:
+        from cai.stages.eval import CONSTITUTIONS
+
+        return Path(self.judge_constitution) if self.judge_constitution else CONSTITUTIONS / "harmless.yaml"
 
     @property
     def episodes_per_step(self) -> int:
