@@ -93,6 +93,9 @@ class Run:
         from cai.stages.label import LabelRecord, LabelSummary
         from cai.stages.label_eval import EvalSummary
         from cai.stages.mix import MixSummary
+        from cai.train.ppo import PPOSummary
+        from cai.train.reward import RewardSummary
+        from cai.train.sft import SFTSummary
 
         self.dir = run_dir
         self.log = RunLog.model_validate(_json(run_dir / LOG) or {})
@@ -105,7 +108,9 @@ class Run:
         self.label_summary = _typed(Path(f"{lab}.metrics.json"), LabelSummary)
         self.eval_summary = _typed(run_dir / LAYOUT["label_eval"] / "metrics.json", EvalSummary)
         self.mix = _typed(run_dir / LAYOUT["mix"] / "mix.json", MixSummary)
-        self.trained = {name: _json(run_dir / LAYOUT[name] / "summary.json") for name in ("rm", "sft", "ppo")}
+        self.rm = _typed(run_dir / LAYOUT["rm"] / "summary.json", RewardSummary)
+        self.sft = _typed(run_dir / LAYOUT["sft"] / "summary.json", SFTSummary)
+        self.ppo = _typed(run_dir / LAYOUT["ppo"] / "summary.json", PPOSummary)
         self.policy_eval = _typed(run_dir / LAYOUT["eval"] / "summary.json", PolicyEvalSummary)
 
     def status(self, name: str) -> str:
@@ -217,24 +222,31 @@ def _data_stage_row(run: Run, name: str) -> tuple[Any, Any, list[str]] | None:
     return None
 
 
+def _trained_row(run: Run, name: str) -> tuple[Any, list[str]] | None:
+    """(rows, notes) of a trainer's summary for the stage table; None before it has written one."""
+    if name == "rm" and run.rm is not None:
+        test = f"; test accuracy {_fmt(run.rm.test.overall.accuracy)}" if run.rm.test is not None else ""
+        return run.rm.train_pairs, [f"{run.rm.steps} steps{test}"]
+    if name == "sft" and run.sft is not None:
+        s = run.sft
+        loss = [f"test loss {_fmt(s.test_loss_before)} -> {_fmt(s.test_loss_after)}"] if s.test_loss_after is not None else []
+        return s.train_examples, [f"{s.steps} steps", *loss]
+    if name == "ppo" and run.ppo is not None:
+        p = run.ppo
+        return p.episodes, [f"{p.steps} steps", f"score {_fmt(p.score_start)} -> {_fmt(p.score_end)}, KL {_fmt(p.kl_end)}"]
+    return None
+
+
 def _stage_row(run: Run, name: str) -> list[Any]:
-    s = run.trained.get(name) or {}
     rows: Any = "—"
     tokens: Any = "—"
     notes: list[str] = []
     data = _data_stage_row(run, name)
+    trained = _trained_row(run, name)
     if data is not None:
         rows, tokens, notes = data
-    elif name in ("rm", "sft", "ppo") and s:
-        rows = s.get("train_pairs", s.get("train_examples", s.get("episodes", "—")))
-        notes.append(f"{s.get('steps', '?')} steps")
-        test = s.get("test") or {}
-        if isinstance(test, dict) and "overall" in test:
-            notes.append(f"test accuracy {_fmt(test['overall'].get('accuracy'))}")
-        if "score_start" in s:
-            notes.append(f"score {_fmt(s['score_start'])} -> {_fmt(s['score_end'])}, KL {_fmt(s['kl_end'])}")
-        if s.get("test_loss_after") is not None:
-            notes.append(f"test loss {_fmt(s.get('test_loss_before'))} -> {_fmt(s['test_loss_after'])}")
+    elif trained is not None:
+        rows, notes = trained
     wall = run.wall(name)
     status = run.status(name)
     return [name, status, rows, tokens, "—" if wall is None else f"{wall:.1f}s", "; ".join(notes)]
@@ -403,18 +415,18 @@ def labels_section(run: Run) -> str:
 
 
 def reward_section(run: Run) -> str:
-    s = run.trained["rm"]
+    s = run.rm
     rm_dir = run.dir / LAYOUT["rm"]
-    if not s:
+    if s is None:
         return _section("reward-model", "Reward model", _missing("reward-model curves", "rm"))
     body = ""
-    test = s.get("test")
-    if test:
-        rows = [["all", test["overall"]["pairs"], _fmt(test["overall"]["accuracy"]), _fmt(test["overall"]["loss"])]]
-        rows += [[k, v["pairs"], _fmt(v["accuracy"]), _fmt(v["loss"])] for k, v in test["per_source"].items()]
+    test = s.test
+    if test is not None:
+        rows = [["all", test.overall.pairs, _fmt(test.overall.accuracy), _fmt(test.overall.loss)]]
+        rows += [[k, v.pairs, _fmt(v.accuracy), _fmt(v.loss)] for k, v in test.per_source.items()]
         body += _table(["test source", "pairs", "accuracy", "loss"], rows, (1, 2, 3))
-        body += (f"<p>{s['steps']} steps on {s['train_pairs']} pairs in {s['wall_s']:.1f}s; test ECE "
-                 f"{_fmt(test.get('ece'))}; reward mean {_fmt(s['reward_mean'])}, std {_fmt(s['reward_std'])} "
+        body += (f"<p>{s.steps} steps on {s.train_pairs} pairs in {s.wall_s:.1f}s; test ECE "
+                 f"{_fmt(test.ece)}; reward mean {_fmt(s.reward_mean)}, std {_fmt(s.reward_std)} "
                  "(stored with the model so PPO reads normalised scores).</p>")
     uri = _curves(rm_dir / "metrics.jsonl", [("train", ["loss"]), ("train", ["accuracy"]), ("eval", ["loss"]),
                                               ("eval", ["accuracy"])])
@@ -424,48 +436,43 @@ def reward_section(run: Run) -> str:
 
 
 def sft_section(run: Run) -> str:
-    s = run.trained["sft"]
-    if not s:
+    s = run.sft
+    if s is None:
         return _section("sft", "Supervised fine-tuning (SL-CAI)", _missing("SFT curves", "sft"))
     uri = _curves(run.dir / LAYOUT["sft"] / "metrics.jsonl", [("train", ["loss"]), ("eval", ["loss"])])
     body = _table(["steps", "train examples", "response tokens / epoch", "test examples", "test loss before",
                    "test loss after", "wall time"],
-                  [[s.get("steps"), s.get("train_examples"), s.get("train_tokens"), s.get("test_examples"),
-                    _fmt(s.get("test_loss_before")), _fmt(s.get("test_loss_after")), f"{s.get('wall_s', 0):.1f}s"]],
+                  [[s.steps, s.train_examples, s.train_tokens, s.test_examples, _fmt(s.test_loss_before),
+                    _fmt(s.test_loss_after), f"{s.wall_s:.1f}s"]],
                   range(7))
-    if s.get("skipped_empty") or s.get("skipped_long_prompt"):
-        body += (f"<p>Skipped: {esc(s.get('skipped_empty'))} empty responses, {esc(s.get('skipped_long_prompt'))} "
+    if s.skipped_empty or s.skipped_long_prompt:
+        body += (f"<p>Skipped: {s.skipped_empty} empty responses, {s.skipped_long_prompt} "
                  "prompts longer than max_length.</p>")
+    if s.dropped_flagged:
+        body += "<p>Left out by drop_flags: " + esc(", ".join(f"{k} {v}" for k, v in s.dropped_flagged.items())) + ".</p>"
     body += _figure(uri, "SFT curves", "Loss on the final revised responses (prompt tokens carry no loss).") \
         if uri else '<p class="missing-note">No metrics logged.</p>'
     return _section("sft", "Supervised fine-tuning (SL-CAI)", body)
 
 
-PPO_PANELS = [
-    ("train", ["score", "reward/score", "rm_score", "reward"]),
-    ("train", ["kl", "objective/kl", "kl_ref"]),
-    ("train", ["entropy", "policy/entropy"]),
-    ("train", ["response_length", "length", "mean_length"]),
-]
+PPO_PANELS = [("train", ["score"]), ("train", ["kl"]), ("train", ["entropy"]), ("train", ["response_length"])]
 
 
 def ppo_section(run: Run) -> str:
-    s = run.trained["ppo"]
-    if not s:
+    s = run.ppo
+    if s is None:
         return _section("ppo", "PPO (RL-CAI)", _missing("PPO curves", "ppo"))
     uri = _curves(run.dir / LAYOUT["ppo"] / "metrics.jsonl", PPO_PANELS)
     body = _table(["steps", "episodes", "score (first → last steps)", "KL to reference", "response tokens",
                    "generated tokens/s", "wall time"],
-                  [[s.get("steps"), s.get("episodes"), f"{_fmt(s.get('score_start'))} → {_fmt(s.get('score_end'))}",
-                    f"{_fmt(s.get('kl_start'))} → {_fmt(s.get('kl_end'))}",
-                    f"{_fmt(s.get('response_length_start'), 1)} → {_fmt(s.get('response_length_end'), 1)}",
-                    _fmt(s.get("tokens_per_s"), 1), f"{s.get('wall_s', 0):.1f}s"]], (0, 1, 5, 6))
-    share = s.get("time_share") or {}
-    if share:
-        body += "<p>Step time: " + esc(", ".join(f"{k} {v:.0%}" for k, v in share.items())) + ".</p>"
-    mix = s.get("prompt_mix") or {}
-    if mix:
-        body += "<p>Prompts per step: " + esc(", ".join(f"{k} {v}" for k, v in mix.items())) + ".</p>"
+                  [[s.steps, s.episodes, f"{_fmt(s.score_start)} → {_fmt(s.score_end)}",
+                    f"{_fmt(s.kl_start)} → {_fmt(s.kl_end)}",
+                    f"{_fmt(s.response_length_start, 1)} → {_fmt(s.response_length_end, 1)}",
+                    _fmt(s.tokens_per_s, 1), f"{s.wall_s:.1f}s"]], (0, 1, 5, 6))
+    if s.time_share:
+        body += "<p>Step time: " + esc(", ".join(f"{k} {v:.0%}" for k, v in s.time_share.items())) + ".</p>"
+    if s.prompt_mix:
+        body += "<p>Prompts per step: " + esc(", ".join(f"{k} {v}" for k, v in s.prompt_mix.items())) + ".</p>"
     body += _figure(uri, "PPO curves", "Reward-model score, KL to the reference policy, entropy and response "
                     "length per step: a score that climbs while KL explodes or length runs away is reward hacking.") \
         if uri else '<p class="missing-note">No metrics logged.</p>'
@@ -477,7 +484,7 @@ def reward_hacking_section(run: Run) -> str:
     from cai.train.judge_watch import detect_divergence, trace_from_metrics
 
     title = "Reward hacking watch"
-    if not run.trained["ppo"]:
+    if run.ppo is None:
         return _section("reward-hacking", title, _missing("the judge's view of PPO", "ppo"))
     trace = trace_from_metrics(_metrics(run.dir / LAYOUT["ppo"] / "metrics.jsonl"))
     if not trace:

@@ -130,6 +130,18 @@ def test_a_summary_that_does_not_fit_its_model_is_an_error_not_a_blank_section(r
         render_report(run)
 
 
+@pytest.mark.parametrize("stage, field, model", [("rm", "train_pairs", "RewardSummary"),
+                                                 ("sft", "train_examples", "SFTSummary"),
+                                                 ("ppo", "score_end", "PPOSummary")])
+def test_a_renamed_trainer_summary_field_is_an_error(runs: dict[str, Path], tmp_path: Path, stage: str, field: str,
+                                                      model: str) -> None:
+    run = shutil.copytree(runs["full"], tmp_path / "run")
+    path = run / stage / "summary.json"
+    path.write_text(path.read_text().replace(f'"{field}"', f'"{field}_renamed"'))
+    with pytest.raises(CaiError, match=rf"{stage}/summary.json: not a {model} \({field}: Field required"):
+        render_report(run)
+
+
 def html_escaped(text: str) -> str:
     import html
 
