@@ -76,7 +76,10 @@ def test_gpu_example_engine_options_start_on_vllm_033(fake_vllm, tiny_model_dir,
 
     pipe = PipelineConfig(**yaml.safe_load((repo_root / "examples" / "pipeline-gpu.yaml").read_text()))
     assert pipe.engine == "vllm"
-    for options in (pipe.engine_options, pipe.label.get("engine_options", {})):
+    from cai.stages.eval import PolicyEvalConfig
+
+    PolicyEvalConfig(**pipe.eval, policies=[{"name": "a", "model": "x"}, {"name": "b", "model": "y"}], out="o")
+    for options in (pipe.engine_options, pipe.label.get("engine_options", {}), pipe.eval["engine_options"]):
         assert options.get("tensor_parallel_size", 1) == 1 and "data_parallel_size" not in options
         engine = load_engine("vllm", str(tiny_model_dir), **options)
         engine.close()
