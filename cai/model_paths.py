@@ -1,6 +1,6 @@
 """Model fields that name a local path which does not exist, caught before any loader runs.
 
-A trainer config's `model`, `reward_model` or `critic_model` is a local directory or a hub id in
+A trainer config's `model`, `reward_model`, `critic_model` or `judge_model` is a local directory or a hub id in
 the local cache. Handed a mistyped directory, the Hugging Face loaders answer with a message about
 hub repository ids, which misleads. A value that can only be a path (it starts with `/`, `.` or
 `~`, has two or more `/`, or its first folder exists here) and does not exist is reported as
@@ -14,7 +14,7 @@ from typing import Any
 
 from cai.errors import InputError
 
-MODEL_FIELDS = ("model", "reward_model", "critic_model")
+MODEL_FIELDS = ("model", "reward_model", "critic_model", "judge_model")
 
 
 def looks_like_path(value: str) -> bool:

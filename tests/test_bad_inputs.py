@@ -296,6 +296,8 @@ CASES = [
          also=["{d}/rm/final does not exist"]),
     Case("ppo-missing-reward-model-set", "train ppo {d}/ppo.yaml --set reward_model=./no/such/rm", None,
          "reward_model", also=["./no/such/rm does not exist"]),
+    Case("ppo-missing-judge-model-set", "train ppo {d}/ppo.yaml --set reward_model={m} --set judge_model=./no/such/judge", None,
+         "judge_model", also=["./no/such/judge does not exist"]),
     # Flags with a bad value.
     Case("export-drop-unknown-flag", "export {d}/sft-in.jsonl --out {d}/export --drop-flag nope", None,
          "--drop-flag", code=2, also=["invalid choice"]),
