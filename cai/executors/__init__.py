@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 from cai.errors import CaiError
 from cai.executors.base import Batch, BatchResult, EngineInfo, WorkerSpec, WorkerStats, plan_batches
 from cai.store import JsonlStore
+
+R = TypeVar("R", bound=BaseModel)
 
 __all__ = ["Batch", "Executor", "ExecutorSettings", "RunStats", "drive", "open_executor", "plan_batches"]
 
@@ -96,3 +98,17 @@ def drive(executor: Executor, batches: list[Batch], store: JsonlStore, bar: tqdm
         bar.set_postfix(rows_s=f"{stats.written / elapsed:.2f}", tok_s=f"{stats.tokens / elapsed:.1f}")
     stats.workers = sorted(workers.values(), key=lambda w: w.worker)
     return stats
+
+
+def run_into(executor: Executor, batches: list[Batch], store: JsonlStore[R], desc: str, unit: str,
+             progress: bool) -> tuple[list[R], RunStats, int]:
+    """The driver's whole job for one stage run: skip the batches whose rows are all in `store`, drive
+    the rest, and return (this run's rows as now stored, the stats, how many rows were there before)."""
+    run_ids = {rid for b in batches for rid in b.ids}
+    skipped = len(run_ids & store.ids)
+    with store:
+        bar = tqdm(total=len(run_ids), initial=skipped, desc=desc, unit=unit, disable=not progress)
+        stats = drive(executor, [b for b in batches if not all(rid in store for rid in b.ids)], store, bar)
+        bar.close()
+        records = [r for r in store.records() if r.id in run_ids]  # type: ignore[attr-defined]
+    return records, stats, skipped

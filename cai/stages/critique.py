@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 from cai import __version__
 from cai.constitution import Constitution, Principle, load_constitution
 from cai.conversation import Message, as_dicts
 from cai.engines.base import Engine, Generation, SamplingConfig, engine_details, engine_fingerprint
 from cai.errors import CaiError
-from cai.executors import Batch, ExecutorSettings, RunStats, drive, open_executor
+from cai.executors import Batch, ExecutorSettings, RunStats, open_executor, run_into
 from cai.executors.base import EngineInfo, WorkerStats, plan_batches
 from cai.hashing import record_id, sha256_of
 from cai.locking import check_free
@@ -350,15 +349,9 @@ def run_critique(config: CritiqueConfig, engine: Engine | None = None, progress:
         config_hash = sha256_of(fingerprint)[:16]
         batches = [Batch(k, [row_id(conversations[i], config_hash) for i in idx], [(i, conversations[i]) for i in idx])
                    for k, idx in enumerate(positions)]
-        run_ids = {rid for b in batches for rid in b.ids}
         store = JsonlStore(config.out, SFTRecord, stage="critique", config=fingerprint, force=config.force,
                            source=SourcePlan(input=str(config.prompts), rows=len(conversations), shard=shard_spec(config.shard)))
-        skipped = len(run_ids & store.ids)
-        with store:
-            bar = tqdm(total=len(run_ids), initial=skipped, desc="critique-revise", unit="row", disable=not progress)
-            stats = drive(executor, [b for b in batches if not all(rid in store for rid in b.ids)], store, bar)
-            bar.close()
-            records = [r for r in store.records() if r.id in run_ids]
+        records, stats, skipped = run_into(executor, batches, store, "critique-revise", "row", progress)
     finally:
         executor.close()
     return _summarize(config, records, stats, skipped, time.perf_counter() - start)

@@ -33,7 +33,7 @@ from cai.conversation import Message, as_dicts
 from cai.engines import split_gpu_share
 from cai.engines.base import Engine, SamplingConfig, engine_details, engine_fingerprint, row_flag
 from cai.errors import CaiError
-from cai.executors import Batch, ExecutorSettings, drive, open_executor
+from cai.executors import Batch, ExecutorSettings, open_executor, run_into
 from cai.executors.base import EngineInfo, WorkerStats, plan_batches
 from cai.hashing import record_id, sha256_of
 from cai.locking import check_free
@@ -565,18 +565,12 @@ def run_label(config: LabelConfig, engine: Engine | None = None, policy_engine: 
         info = executor.engine_info()
         fingerprint = {**config.fingerprint(constitution, templates, info.model_id), **info.fingerprint}
         batches, identical = _batches(config, items, sha256_of(fingerprint)[:16])
-        run_ids = {rid for b in batches for rid in b.ids}
         store = JsonlStore(config.out, LabelRecord, stage="label", config=fingerprint, force=config.force)
-        skipped = len(run_ids & store.ids)
-        with store:
-            bar = tqdm(total=len(run_ids), initial=skipped, desc="label", unit="pair", disable=not progress)
-            stats = drive(executor, [b for b in batches if not all(rid in store for rid in b.ids)], store, bar)
-            bar.close()
-            records = [r for r in store.records() if r.id in run_ids]
+        records, stats, skipped = run_into(executor, batches, store, "label", "pair", progress)
     finally:
         executor.close()
     if config.source == "policy":  # the pairs of two identical samples are the ids never written
-        identical = len(run_ids) - len(records)
+        identical = len({rid for b in batches for rid in b.ids}) - len(records)
     wall = time.perf_counter() - start
     summary = LabelSummary(
         out=str(config.out), rows_total=len(records), rows_written=stats.written, rows_skipped=skipped,
