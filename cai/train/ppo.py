@@ -34,7 +34,11 @@ PPO"; Ziegler et al. 2019), and where they are:
   hold the policy, the critic, optimizer, scheduler, RNG and the KL controller.
 
 With several processes (`accelerate launch`) each process draws its own share of the step's
-prompts; rewards and advantages are whitened per process, gradients are averaged.
+prompts; rewards and advantages are whitened per process, gradients are averaged. Under FSDP
+(examples/accelerate/fsdp.yaml; cai.train.fsdp) the same loop runs with the policy and the critic
+sharded: each process gathers the full policy to sample its rollouts (or streams full tensors into
+its vLLM engine), and checkpoints and final/ hold full weights. The reference and the reward model
+are frozen and stay whole on every process.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from pydantic import BaseModel, Field
 from cai.errors import CaiError
 from cai.tokens import encode_prompt, ensure_pad_token, has_chat_template, render_chat
 from cai.train.checkpoint import FINAL, save_final, write_json
+from cai.train.fsdp import FullState, is_sharded
 from cai.train.loop import Session, open_run
 from cai.train.lora import adapter_off, add_lora
 from cai.train.metrics import METRICS, plot_curves, read_metrics, trim_after
@@ -278,9 +283,9 @@ def setup(config: PPOConfig, resume: bool, reward_fn: RewardFn | None) -> PPORun
 
     _check_config(config, reward_fn)
     out, last, acc = open_run(config, resume)
-    if acc.distributed_type.value not in ("NO", "MULTI_GPU", "MULTI_CPU"):
-        raise CaiError(f"PPO runs on one device or data-parallel (DDP) processes, not under {acc.distributed_type.value}: "
-                       "the policy samples its rollouts unsharded; launch with examples/accelerate/ddp.yaml")
+    if acc.distributed_type.value not in ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP"):
+        raise CaiError(f"PPO runs on one device, data-parallel (DDP) or FSDP processes, not under "
+                       f"{acc.distributed_type.value}; launch with examples/accelerate/ddp.yaml or fsdp.yaml")
     world = acc.num_processes
     sources = load_prompt_sources(config.prompts)  # before the models: a bad file fails in a second
     tokenizer, policy, ref, value, resized = load_models(config, acc.device)
@@ -295,7 +300,7 @@ def setup(config: PPOConfig, resume: bool, reward_fn: RewardFn | None) -> PPORun
         session.extra_models["critic"] = value_module.model
         value_kw = {"critic": session.modules["value"]}
     else:
-        session.stateful["value_head"] = value_module
+        session.stateful["value_head"] = FullState(value_module) if is_sharded(value_module) else value_module
         value_kw = {"head": session.modules["value"]}
     stop = () if has_chat_template(tokenizer) else HH_STOP
     model_path = config.model_path()
