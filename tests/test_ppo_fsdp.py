@@ -1,6 +1,7 @@
-"""PPO under FSDP2 on two CPU processes (gloo), launched the way `accelerate launch` would launch
-them, compared with the same two processes under DDP: sharding the policy and the critic changes
-where the tensors live, not the numbers.
+"""PPO (and the reward model trainer, through the same Session) under FSDP2 on two CPU processes
+(gloo), launched the way `accelerate launch` would launch them, compared with the same two
+processes under DDP: sharding the policy and the critic changes where the tensors live, not the
+numbers.
 
 Why DDP and not one process: with two processes each one draws its own half of the step's prompts
 and whitens its own advantages, so a one-process run of the same global batch is a different
@@ -18,13 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import BaseModel
 from safetensors.torch import load_file
 
 from cai.train.ppo import PPOConfig
 from cai.train.statefile import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).with_name("ppo_dist_worker.py")
+WORKER = Path(__file__).with_name("dist_worker.py")
 TIMING = ("time_", "tokens_per_s", "gen_tokens_per_s")
 STEPS = 3
 # fractions of tokens past a clipping threshold: a token at the threshold may land either side when
@@ -38,8 +40,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: PPOConfig, fsdp: bool, *flags: str, world: int = 2) -> None:
-    """Run tests/ppo_dist_worker.py as `world` processes with torchrun's environment."""
+def launch(config: BaseModel, fsdp: bool, *flags: str, world: int = 2, trainer: str = "ppo") -> None:
+    """Run tests/dist_worker.py as `world` processes with torchrun's environment."""
     path = Path(config.out_dir).with_suffix(".json")
     path.write_text(config.model_dump_json())
     port = str(_free_port())
@@ -48,7 +50,7 @@ def launch(config: PPOConfig, fsdp: bool, *flags: str, world: int = 2) -> None:
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK=str(rank), LOCAL_RANK=str(rank),
                    WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                    ACCELERATE_USE_FSDP="true" if fsdp else "false", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(path), *flags], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), trainer, str(path), *flags], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for rank, (p, out) in enumerate(zip(procs, outputs)):
@@ -134,6 +136,29 @@ def test_fsdp_checkpoints_hold_full_tensors(runs, tiny_model_dir):
 
 
 @pytest.mark.slow  # two more two-process launches (~30 s on a 2-core machine)
+def test_fsdp_matches_ddp_with_the_reward_model_as_critic(tiny_model_dir, prompts, tmp_path):
+    """The critic as a separate sharded model (the reward model read at every token), saved beside the policy."""
+    from cai.train.reward import load_reward_model
+
+    torch.manual_seed(0)
+    tok, model = load_reward_model(str(tiny_model_dir))
+    model.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    for name, fsdp in (("ddp", False), ("fsdp", True)):
+        launch(_config(tiny_model_dir, prompts, tmp_path / name, critic="reward_model", reward_model=str(tmp_path / "rm"),
+                       max_steps=2), fsdp)
+    for a, b in zip(_train_rows(tmp_path / "ddp"), _train_rows(tmp_path / "fsdp")):
+        for key in a:
+            tolerance = {"abs": 0.01} if key in CLIP_FRACTIONS else {"rel": 1e-4, "abs": 1e-6}
+            assert b[key] == pytest.approx(a[key], **tolerance), (a["step"], key)
+    for sub in ("final", "checkpoints/step-00000002/critic"):
+        a, b = _weights(tmp_path / "ddp" / sub), _weights(tmp_path / "fsdp" / sub)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), (sub, key)
+
+
+@pytest.mark.slow  # two more two-process launches (~30 s on a 2-core machine)
 def test_fsdp_resume_reproduces_the_uninterrupted_run(runs, tiny_model_dir, prompts, tmp_path):
     part = tmp_path / "part"
     config = _config(tiny_model_dir, prompts, part)
@@ -147,3 +172,31 @@ def test_fsdp_resume_reproduces_the_uninterrupted_run(runs, tiny_model_dir, prom
     a, b = _weights(runs["fsdp"] / "final"), _weights(part / "final")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.slow  # two two-process launches (~30 s on a 2-core machine)
+def test_reward_model_under_fsdp_matches_ddp(tiny_model_dir, tmp_path):
+    """The reward trainer shares the Session, so it shards the same way: same metrics (training and
+    evaluation) and final weights as DDP."""
+    from test_reward import _write_set  # the reward tests' preference rows
+
+    from cai.train.reward import RewardConfig
+
+    data = _write_set(tmp_path / "pairs.jsonl", 32, 0)
+    for name, fsdp in (("ddp", False), ("fsdp", True)):
+        config = RewardConfig(model=str(tiny_model_dir), out_dir=str(tmp_path / name), train_file=str(data),
+                              test_file=str(data), lr=3e-3, batch_size=4, max_steps=4, eval_every=2, save_every=2,
+                              log_every=1, max_length=48, device="cpu", seed=3, plot=False)
+        launch(config, fsdp, trainer="rm")
+    metrics = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("ddp", "fsdp")]
+    assert len(metrics[1]) == len(metrics[0]) > 4
+    for a, b in zip(*metrics):
+        for key, value in a.items():
+            if isinstance(value, float) and "per_s" not in key:
+                assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)
+    a, b = _weights(tmp_path / "ddp" / "final"), _weights(tmp_path / "fsdp" / "final")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # sharded: the optimizer is checkpointed by parameter name (DDP: by index)
+    state = [load_state(tmp_path / n / "checkpoints" / "step-00000004" / "training_state")["optimizer"]["state"]
+             for n in ("ddp", "fsdp")]
+    assert 0 in state[0] and "model.score.weight" in state[1]

@@ -143,16 +143,22 @@ class FullOptimizerState:
     name (torch.distributed.checkpoint's full optimizer state dict): a checkpoint does not depend on
     how the parameters were split."""
 
-    def __init__(self, modules: dict[str, torch.nn.Module], optimizer: Any):
+    def __init__(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer):
         self.model = torch.nn.ModuleDict(modules)
-        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch one
+        self.optimizer = optimizer
 
     def state_dict(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
 
         set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))

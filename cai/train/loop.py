@@ -24,10 +24,10 @@ import torch
 
 from cai.errors import CaiError
 from cai.locking import hold_run_dir
+from cai.train import fsdp
 from cai.train.checkpoint import Checkpointer, TrainState, resume_point
 from cai.train.config import TrainConfig
 from cai.train.data import BatchStream, seed_everything, total_steps
-from cai.train import fsdp
 from cai.train.devices import make_accelerator
 from cai.train.metrics import MetricsLogger
 from cai.train.optim import build_optimizer, build_scheduler, check_finite
