@@ -2,7 +2,7 @@
 with the environment `accelerate launch` would give it (RANK, WORLD_SIZE, MASTER_ADDR/PORT, and
 ACCELERATE_USE_FSDP for FSDP).
 
-usage: python tests/dist_worker.py {ppo,rm} CONFIG_JSON [--resume] [--stop-after N]
+usage: python tests/dist_worker.py {ppo,rm} CONFIG_JSON [--resume] [--stop-after N] [--fake-vllm]
 """
 
 from __future__ import annotations
@@ -31,13 +31,31 @@ def train(trainer: str, config_json: str, resume: bool, stop_after: int | None) 
                    progress=False)
 
 
+def install_fake_vllm() -> None:
+    """vllm.LLM as tests/test_ppo.py's model-backed fake: it samples from its own full copy of the
+    model, which only the weight sync updates."""
+    import sys
+    import types
+
+    from test_ppo import ModelBackedLLM
+
+    module = types.ModuleType("vllm")
+    module.__version__ = "0.33.0"
+    module.LLM = ModelBackedLLM
+    module.SamplingParams = lambda **kw: types.SimpleNamespace(kwargs=kw)
+    sys.modules["vllm"] = module
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("trainer", choices=["ppo", "rm"])
     p.add_argument("config")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--stop-after", type=int)
+    p.add_argument("--fake-vllm", action="store_true", help="rollout_engine vllm against a fake vLLM")
     args = p.parse_args()
+    if args.fake_vllm:
+        install_fake_vllm()
     try:
         train(args.trainer, Path(args.config).read_text(), args.resume, args.stop_after)
     except CaiError as e:

@@ -135,6 +135,21 @@ def test_fsdp_checkpoints_hold_full_tensors(runs, tiny_model_dir):
     assert moments["value.weight"]["exp_avg_sq"].shape == (1, hidden)
 
 
+@pytest.mark.slow  # one more two-process launch (~15 s on a 2-core machine)
+def test_fsdp_vllm_rollouts_receive_the_full_weights(runs, tiny_model_dir, prompts, tmp_path):
+    """rollout_engine vllm under FSDP: each process streams the gathered (full) tensors into its engine
+    (a fake that samples from its own full copy of the model, and fails on a shard's shape), so its
+    rollouts, and with them the whole run, are those of the hf run that samples from the gathered policy."""
+    out = tmp_path / "vllm"
+    launch(_config(tiny_model_dir, prompts, out, rollout_engine="vllm", vllm_options={"enforce_eager": True}), True,
+           "--fake-vllm")
+    for a, b in zip(_train_rows(runs["fsdp"]), _train_rows(out)):
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    a, b = _weights(runs["fsdp"] / "final"), _weights(out / "final")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
 @pytest.mark.slow  # two more two-process launches (~30 s on a 2-core machine)
 def test_fsdp_matches_ddp_with_the_reward_model_as_critic(tiny_model_dir, prompts, tmp_path):
     """The critic as a separate sharded model (the reward model read at every token), saved beside the policy."""
