@@ -52,7 +52,12 @@ def launch(config: BaseModel, fsdp: bool, *flags: str, world: int = 2, trainer: 
                    ACCELERATE_USE_FSDP="true" if fsdp else "false", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
         procs.append(subprocess.Popen([sys.executable, str(WORKER), trainer, str(path), *flags], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    except subprocess.TimeoutExpired:  # e.g. a collective one process never joined: no orphans left behind
+        for p in procs:
+            p.kill()
+        raise
     for rank, (p, out) in enumerate(zip(procs, outputs)):
         assert p.returncode == 0, f"rank {rank} failed:\n{out[-4000:]}"
 
