@@ -2,7 +2,7 @@
 with the environment `accelerate launch` would give it (RANK, WORLD_SIZE, MASTER_ADDR/PORT, and
 ACCELERATE_USE_FSDP for FSDP).
 
-usage: python tests/dist_worker.py {ppo,rm} CONFIG_JSON [--resume] [--stop-after N] [--fake-vllm]
+usage: python tests/dist_worker.py {ppo,rm,sft} CONFIG_JSON [--resume] [--stop-after N] [--fake-vllm]
 """
 
 from __future__ import annotations
@@ -24,11 +24,15 @@ def train(trainer: str, config_json: str, resume: bool, stop_after: int | None) 
 
         config = PPOConfig.model_validate_json(config_json)
         run_ppo(config, resume=resume, stop_after=stop_after, reward_fn=digit_reward, progress=False)
-    else:
+    elif trainer == "rm":
         from cai.train.reward import RewardConfig, run_reward
 
         run_reward(RewardConfig.model_validate_json(config_json), resume=resume, stop_after=stop_after,
                    progress=False)
+    else:
+        from cai.train.sft import SFTConfig, run_sft
+
+        run_sft(SFTConfig.model_validate_json(config_json), resume=resume, stop_after=stop_after, progress=False)
 
 
 def install_fake_vllm() -> None:
@@ -48,7 +52,7 @@ def install_fake_vllm() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("trainer", choices=["ppo", "rm"])
+    p.add_argument("trainer", choices=["ppo", "rm", "sft"])
     p.add_argument("config")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--stop-after", type=int)

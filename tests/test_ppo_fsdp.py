@@ -1,4 +1,4 @@
-"""PPO (and the reward model trainer, through the same Session) under FSDP2 on two CPU processes
+"""PPO (and the reward and SFT trainers, through the same Session) under FSDP2 on two CPU processes
 (gloo), launched the way `accelerate launch` would launch them, compared with the same two
 processes under DDP: sharding the policy and the critic changes where the tensors live, not the
 numbers.
@@ -194,20 +194,29 @@ def test_fsdp_resume_reproduces_the_uninterrupted_run(runs, tiny_model_dir, prom
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.slow  # two two-process launches (~30 s on a 2-core machine)
-def test_reward_model_under_fsdp_matches_ddp(tiny_model_dir, tmp_path):
-    """The reward trainer shares the Session, so it shards the same way: same metrics (training and
-    evaluation) and final weights as DDP."""
-    from test_reward import _write_set  # the reward tests' preference rows
-
-    from cai.train.reward import RewardConfig
+def _rm_config(model: Path, tmp_path: Path, out: Path) -> BaseModel:
+    from test_reward import _config, _write_set  # the reward tests' preference rows
 
     data = _write_set(tmp_path / "pairs.jsonl", 32, 0)
+    return _config(model, (data, data), out, batch_size=4, max_steps=4, eval_every=2, save_every=2, log_every=1,
+                   max_length=48, plot=False)
+
+
+def _sft_config(model: Path, tmp_path: Path, out: Path) -> BaseModel:
+    from test_sft import _sft_config, _sft_file
+
+    return _sft_config(model, _sft_file(tmp_path / "sft.jsonl"), out, max_steps=4, eval_every=2, save_every=2,
+                       log_every=1, plot=False)
+
+
+@pytest.mark.slow  # two two-process launches per trainer (~30 s on a 2-core machine)
+@pytest.mark.parametrize("trainer, make_config, first_param", [
+    ("rm", _rm_config, "model.score.weight"), ("sft", _sft_config, "model.model.embed_tokens.weight")])
+def test_reward_and_sft_trainers_under_fsdp_match_ddp(trainer, make_config, first_param, tiny_model_dir, tmp_path):
+    """The reward and SFT trainers share the Session, so they shard the same way: same metrics
+    (training and evaluation) and final weights as DDP."""
     for name, fsdp in (("ddp", False), ("fsdp", True)):
-        config = RewardConfig(model=str(tiny_model_dir), out_dir=str(tmp_path / name), train_file=str(data),
-                              test_file=str(data), lr=3e-3, batch_size=4, max_steps=4, eval_every=2, save_every=2,
-                              log_every=1, max_length=48, device="cpu", seed=3, plot=False)
-        launch(config, fsdp, trainer="rm")
+        launch(make_config(tiny_model_dir, tmp_path, tmp_path / name), fsdp, trainer=trainer)
     metrics = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("ddp", "fsdp")]
     assert len(metrics[1]) == len(metrics[0]) > 4
     for a, b in zip(*metrics):
@@ -219,4 +228,4 @@ def test_reward_model_under_fsdp_matches_ddp(tiny_model_dir, tmp_path):
     # sharded: the optimizer is checkpointed by parameter name (DDP: by index)
     state = [load_state(tmp_path / n / "checkpoints" / "step-00000004" / "training_state")["optimizer"]["state"]
              for n in ("ddp", "fsdp")]
-    assert 0 in state[0] and "model.score.weight" in state[1]
+    assert 0 in state[0] and first_param in state[1]
