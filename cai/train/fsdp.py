@@ -91,15 +91,26 @@ def gathered(module: torch.nn.Module) -> Iterator[None]:
             part.set_reshard_after_forward(part is not module, recurse=False)
 
 
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state dict with every shard gathered into its full tensor, on CPU (a collective).
-    Tied parameters (embeddings = LM head) stay one tensor, so save_pretrained still sees the tie."""
+    """The module's state dict with every shard gathered into its full tensor (a collective), one
+    tensor at a time, kept on CPU by the main process only (the one that writes; the others get an
+    empty dict). Tied parameters (embeddings = LM head) stay one tensor, so save_pretrained still
+    sees the tie."""
+    keep = _is_main()
     gathered_once: dict[int, torch.Tensor] = {}
     out = {}
     for key, value in module.state_dict(keep_vars=True).items():
         if id(value) not in gathered_once:
-            gathered_once[id(value)] = full_tensor(value.detach()).cpu()
-        out[key] = gathered_once[id(value)]
+            whole = full_tensor(value.detach())
+            gathered_once[id(value)] = whole.cpu() if keep else whole.new_empty(0)
+        if keep:
+            out[key] = gathered_once[id(value)]
     return out
 
 
@@ -141,7 +152,8 @@ class FullState:
 class FullOptimizerState:
     """The optimizer of sharded modules, seen by the checkpointer with full tensors keyed by parameter
     name (torch.distributed.checkpoint's full optimizer state dict): a checkpoint does not depend on
-    how the parameters were split."""
+    how the parameters were split. Saving: only the main process gets the state (it writes it);
+    loading: every process reads the file and keeps its own shards."""
 
     def __init__(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer):
         self.model = torch.nn.ModuleDict(modules)
@@ -153,7 +165,9 @@ class FullOptimizerState:
             get_optimizer_state_dict,
         )
 
-        return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True))
+        # cpu_offload: gathered tensor by tensor onto the main process's CPU (the others get an empty dict)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=options)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import (
