@@ -8,7 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from cai.cli import main
+from cai.errors import CaiError
 from cai.train.memory_plan import GIB, ModelShape, model_shape, plan_ppo
 from cai.train.ppo import PPOConfig
 
@@ -65,6 +68,31 @@ def test_1b_full_fine_tune_in_fp32_does_not_fit_a_24_gib_gpu():
     assert "will not fit" in plan.render() and "lora" in plan.render()
 
 
+def test_7b_full_fine_tune_fits_80_gib_gpus_under_fsdp_and_not_under_ddp():
+    config = _config(critic="reward_model", rollout_engine="vllm", dtype="bf16", gradient_checkpointing=True)
+    plan = plan_ppo(config, LLAMA_7B, LLAMA_7B, LLAMA_7B, world_size=8, gpu_bytes=80 * GIB, sharded=True)
+    p = 6_738_415_616
+    held = 2 * p // 8  # policy + critic, split over 8 GPUs (divides evenly here)
+    assert held == 1_684_603_904
+    assert plan.weights == 4 * held + 2 * (2 * p)  # the reference and the reward model stay whole (bf16)
+    assert (plan.grads, plan.optimizer) == (4 * held, 8 * held)
+    assert plan.gathered == p // 32 * 2  # one of 32 layers' share of the policy, bf16, at a time (vLLM rollouts)
+    assert plan.total == 81_191_420_160 and plan.fits  # about 75.6 GiB
+    assert "FSDP" in plan.render() and "gathered (FSDP)" in plan.render()
+    ddp = plan_ppo(config, LLAMA_7B, LLAMA_7B, LLAMA_7B, world_size=8, gpu_bytes=80 * GIB)
+    assert ddp.weights - plan.weights == 4 * (2 * p - held) and not ddp.fits
+    # hf rollouts gather the whole policy at the trainer's precision; the split rounds up
+    hf = plan_ppo(_config(critic="policy_head", dtype="fp32"), LLAMA_1B, None, None, world_size=3,
+                  gpu_bytes=80 * GIB, sharded=True)
+    trainable = 1_235_814_400 + 2048 + 1
+    assert hf.grads == 4 * -(-trainable // 3) and hf.gathered == 4 * 1_235_814_400
+
+
+def test_lora_is_not_planned_under_fsdp():
+    with pytest.raises(CaiError, match="not under FSDP"):
+        plan_ppo(_config(lora={"r": 8}, critic="policy_head"), LLAMA_1B, None, None, 2, 80 * GIB, sharded=True)
+
+
 def test_plan_command_reads_only_configs_and_trains_nothing(tiny_model_dir, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "hi"}) + "\n")
@@ -74,7 +102,10 @@ def test_plan_command_reads_only_configs_and_trains_nothing(tiny_model_dir, tmp_
                    "lora: {r: 4}\n")
     assert main(["train", "ppo", str(cfg), "--plan", "--world-size", "2", "--gpu-memory", "1"]) == 0
     text = capsys.readouterr().out
-    assert "memory plan per GPU (2 processes" in text and "activations" in text and "warning" not in text
+    assert "memory plan per GPU (2 processes, DDP" in text and "activations" in text and "warning" not in text
+    cfg.write_text(cfg.read_text().replace("lora: {r: 4}\n", ""))
+    assert main(["train", "ppo", str(cfg), "--plan", "--world-size", "2", "--gpu-memory", "1", "--fsdp"]) == 0
+    assert "memory plan per GPU (2 processes, FSDP" in capsys.readouterr().out
     assert not out.exists()
     shape = model_shape(tiny_model_dir)
     assert shape.params == sum(p.numel() for p in __import__("transformers").AutoModelForCausalLM

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "and whether it fits, then exit without training")
     p.add_argument("--world-size", type=int, default=None, metavar="N",
                    help="processes for --plan (default: accelerate's WORLD_SIZE, else 1)")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="--plan for FSDP (policy and critic sharded over the processes); default: what "
+                   "`accelerate launch` asked for (ACCELERATE_USE_FSDP)")
     p.add_argument("--gpu-memory", type=float, default=None, metavar="GIB",
                    help="GPU memory for --plan in GiB (default: the visible GPU's, else 80)")
     p.set_defaults(func=run_train_ppo_command)
@@ -61,5 +64,6 @@ def print_plan(args: argparse.Namespace) -> int:
     if config.critic == "reward_model":
         critic = model_shape(str(config.critic_model or config.reward_model or config.model_path()))
     reward = model_shape(config.reward_model) if config.reward_model else None
-    print(plan_ppo(config, policy, critic, reward, world, gpu).render())
+    sharded = args.fsdp if args.fsdp is not None else os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    print(plan_ppo(config, policy, critic, reward, world, gpu, sharded=sharded).render())
     return 0

@@ -60,7 +60,9 @@ def save_pretrained(accelerator: Any, model: torch.nn.Module, directory: Path, t
     """safetensors weights + config (+ tokenizer) that `from_pretrained` loads; gathers sharded
     (FSDP) weights first. A LoRA model writes its adapters and the heads trained in full beside them
     (peft's adapter_model.safetensors). Every process must call it; only the main one writes."""
-    state_dict = accelerator.get_state_dict(model)
+    from cai.train.fsdp import full_state_dict, is_sharded
+
+    state_dict = full_state_dict(model) if is_sharded(model) else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
@@ -94,9 +96,11 @@ def _load_adapters(model: Any, directory: Path) -> None:
 def load_weights(model: torch.nn.Module, directory: Path) -> None:
     """Load safetensors weights written by save_pretrained into `model` in place. Keys left out
     because they are tied to another parameter (e.g. lm_head = embeddings) are fine; anything
-    else missing or unexpected is an error. A LoRA model loads its adapters and full heads."""
+    else missing or unexpected is an error. A LoRA model loads its adapters and full heads; a sharded
+    (FSDP) model keeps its own shard of each tensor."""
     from safetensors.torch import load_file
 
+    from cai.train.fsdp import load_full_state_dict
     from cai.train.lora import is_lora
 
     if is_lora(model):
@@ -107,14 +111,13 @@ def load_weights(model: torch.nn.Module, directory: Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_file(str(directory / name)))
-    result = model.load_state_dict(state, strict=False)
-    loaded_ptrs = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
-    params = model.state_dict()
-    missing = [k for k in result.missing_keys if params[k].data_ptr() not in loaded_ptrs]
-    if missing or result.unexpected_keys:
+    missing, unexpected = load_full_state_dict(model, state)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(named[k]) for k in state if k in named}
+    missing = [k for k in missing if id(named.get(k)) not in loaded]  # tied to a loaded parameter: fine
+    if missing or unexpected:
         raise CaiError(
-            f"checkpoint {directory} does not match the model: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
+            f"checkpoint {directory} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
 
 

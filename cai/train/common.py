@@ -6,6 +6,7 @@ pipeline, benchmarks, tests). Each lives in the module that owns its job:
 - optim.py       AdamW, the schedule, the NaN guard
 - models.py      dropout off, KV cache off, gradient checkpointing
 - devices.py     the accelerator (one device, DDP, FSDP)
+- fsdp.py        FSDP2 sharding, gathering for generation, full state dicts for checkpoints
 - metrics.py     metrics.jsonl, TensorBoard, curves
 - checkpoint.py  atomic checkpoints and exact resume
 - loop.py        open_run, Session (setup, resume, the optimizer step, saving) and `fit`

@@ -1,5 +1,6 @@
 """accelerate drives devices: one process on CPU or one GPU needs no launcher, and the same code
-runs under `accelerate launch` (DDP, FSDP). bf16 is mixed precision (fp32 master weights)."""
+runs under `accelerate launch` (DDP, FSDP; under FSDP cai.train.fsdp shards the trained models). bf16
+is mixed precision (fp32 master weights)."""
 
 from __future__ import annotations
 

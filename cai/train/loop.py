@@ -24,6 +24,7 @@ import torch
 
 from cai.errors import CaiError
 from cai.locking import hold_run_dir
+from cai.train import fsdp
 from cai.train.checkpoint import Checkpointer, TrainState, resume_point
 from cai.train.config import TrainConfig
 from cai.train.data import BatchStream, seed_everything, total_steps
@@ -38,7 +39,7 @@ def open_run(config: TrainConfig, resume: bool) -> tuple[Path, Path | None, Any]
     out = Path(config.out_dir)
     last = resume_point(out, resume)
     acc = make_accelerator(config)
-    if config.lora is not None and acc.distributed_type.value == "FSDP":
+    if config.lora is not None and fsdp.requested(acc):
         raise CaiError("lora: LoRA runs on one device or data-parallel (DDP) processes, not under FSDP (the adapters "
                        "are small, so each process holds the whole frozen base); launch with examples/accelerate/ddp.yaml")
     seed_everything(config.seed)
@@ -50,7 +51,9 @@ class Session:
 
     `modules`: the trainable modules, the main model first (it is saved at the top of each
     checkpoint and in final/). Each is prepared for the accelerator; one AdamW covers all of them
-    and the schedule runs over `schedule_steps` optimizer steps.
+    and the schedule runs over `schedule_steps` optimizer steps. Under FSDP cai.train.fsdp shards the
+    modules (accelerate's FSDP2 `prepare` wants each model with its optimizer, one model per call)
+    and the optimizer is checkpointed with full tensors.
     """
 
     def __init__(self, config: TrainConfig, acc: Any, out_dir: Path, modules: Mapping[str, torch.nn.Module],
@@ -58,12 +61,16 @@ class Session:
         if acc.is_main_process:  # one trainer per run dir: a second process stops here, before writing
             hold_run_dir(out_dir)
         self.config, self.acc, self.tokenizer = config, acc, tokenizer
-        self.modules = {name: acc.prepare(m) for name, m in modules.items()}
+        sharded = fsdp.requested(acc)
+        prepare = (lambda m: fsdp.shard(m, acc)) if sharded else acc.prepare
+        self.modules = {name: prepare(m) for name, m in modules.items()}
         self.model = next(iter(self.modules.values()))
-        self.optimizer = acc.prepare(build_optimizer(torch.nn.ModuleDict(self.modules), config))
+        optimizer = build_optimizer(torch.nn.ModuleDict(self.modules), config)
+        self.optimizer = optimizer if sharded else acc.prepare(optimizer)
         self.scheduler = build_scheduler(self.optimizer, config, schedule_steps)
         self.checkpointer = Checkpointer(out_dir, acc, config.keep_checkpoints)
-        self.stateful: dict[str, Any] = {"optimizer": self.optimizer, "scheduler": self.scheduler}
+        optimizer_state = fsdp.FullOptimizerState(self.modules, self.optimizer) if sharded else self.optimizer
+        self.stateful: dict[str, Any] = {"optimizer": optimizer_state, "scheduler": self.scheduler}
         self.extra_models: dict[str, torch.nn.Module] = {}
         self.out_dir = out_dir
         self.state = TrainState()
@@ -95,13 +102,14 @@ class Session:
         self.acc.backward(loss / n)
 
     def optimizer_step(self, where: str) -> float:
-        """Clip (or measure) the global gradient norm, check it, step optimizer and schedule; returns the norm."""
+        """Clip (or measure) the global gradient norm, check it, step optimizer and schedule; returns the norm
+        (of the whole gradient also when it is sharded)."""
         params = [p for m in self.modules.values() for p in m.parameters() if p.requires_grad]
         if self.config.max_grad_norm is not None:
             norm = self.acc.clip_grad_norm_(params, self.config.max_grad_norm)
         else:
-            norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None]))
+            norm = torch.nn.utils.get_total_norm([p.grad.detach().float() for p in params if p.grad is not None])
+        norm = fsdp.full_tensor(norm)
         check_finite(norm, "gradient norm", self.state.step, where, self.checkpointer.last)
         self.optimizer.step()
         self.scheduler.step()

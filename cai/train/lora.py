@@ -58,9 +58,12 @@ def adapter_off(model: Any) -> Iterator[None]:
 
 def merged_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of every weight as the plain base model names it, with the adapters merged
-    in (W + delta); for a model without LoRA, its parameters as they are. Nothing is modified."""
+    in (W + delta); for a model without LoRA, its parameters as they are (sharded ones gathered,
+    one at a time). Nothing is modified."""
     if not is_lora(model):
-        yield from ((name, p.detach()) for name, p in model.named_parameters())
+        from cai.train.fsdp import full_tensor
+
+        yield from ((name, full_tensor(p.detach())) for name, p in model.named_parameters())
         return
     from peft.tuners.lora import LoraLayer
 

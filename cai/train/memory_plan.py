@@ -19,8 +19,12 @@ smaller vLLM share, fewer episodes per micro-batch). The rules, in bytes:
   layer's input (hidden * activation bytes per token and layer) plus one layer's full set; plus the
   policy's fp32 logits over the response tokens and their log-softmax (2 * 4 * vocab per token).
 
-Under DDP (the only way PPO runs on several GPUs) every GPU holds all of it, so the per-GPU figure
-does not fall with the world size; the plan reports the world size for the episodes per step.
+Under DDP every GPU holds all of it, so the per-GPU figure does not fall with the world size. Under
+FSDP (`sharded`) the trainable models (policy and critic) are split across the GPUs: their weights,
+gradients and AdamW moments are divided by the world size (rounded up), while the frozen models
+stay whole on every GPU. A sharded policy is gathered whole to sample its rollouts (rollout_engine
+hf: all its weights at once, at the trainer's precision) or gathered one block at a time for the
+forward passes and the vLLM weight sync (one transformer layer's share); that is the `gathered` row.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from cai.errors import CaiError
 from cai.train.config import LoraSettings
 from cai.train.ppo_config import PPOConfig
 
@@ -65,18 +70,20 @@ class MemoryPlan(BaseModel):
     """Estimated bytes per GPU of each component of a PPO run."""
 
     world_size: int
+    sharded: bool = False
     gpu_bytes: int
     weights: int
     grads: int
     optimizer: int
     vllm: int
     activations: int
+    gathered: int = 0
     trainable_params: int
     frozen_params: int
 
     @property
     def total(self) -> int:
-        return self.weights + self.grads + self.optimizer + self.vllm + self.activations
+        return self.weights + self.grads + self.optimizer + self.vllm + self.activations + self.gathered
 
     @property
     def fits(self) -> bool:
@@ -84,10 +91,13 @@ class MemoryPlan(BaseModel):
 
     def render(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.grads), ("optimizer (AdamW)", self.optimizer),
-                ("vLLM share", self.vllm), ("activations", self.activations), ("total", self.total)]
+                ("vLLM share", self.vllm), ("activations", self.activations)]
+        if self.sharded:
+            rows.append(("gathered (FSDP)", self.gathered))
+        rows.append(("total", self.total))
         processes = f"{self.world_size} process{'es' if self.world_size > 1 else ''}"
         params = f"{self.trainable_params / 1e6:,.1f}M trainable and {self.frozen_params / 1e6:,.1f}M frozen parameters"
-        lines = [f"memory plan per GPU ({processes}, DDP; {params}):"]
+        lines = [f"memory plan per GPU ({processes}, {'FSDP' if self.sharded else 'DDP'}; {params}):"]
         lines += [f"  {name:<18} {size / GIB:9.2f} GiB" for name, size in rows]
         lines.append(f"  {'GPU memory':<18} {self.gpu_bytes / GIB:9.2f} GiB")
         if not self.fits:
@@ -106,11 +116,26 @@ def _activations(shape: ModelShape, tokens: int, checkpointing: bool, bf16: bool
     return full_layer * shape.layers
 
 
+def _share(n: int, world_size: int) -> int:
+    return -(-n // world_size)
+
+
+def _gathered(config: PPOConfig, policy: ModelShape) -> int:
+    """Bytes of the sharded policy held whole at once (see the module docstring)."""
+    size = 2 if config.dtype == "bf16" else 4
+    if config.rollout_engine == "hf":
+        return policy.params * size
+    return _share(policy.params, policy.layers) * size
+
+
 def plan_ppo(config: PPOConfig, policy: ModelShape, critic: ModelShape | None, reward: ModelShape | None,
-             world_size: int, gpu_bytes: int) -> MemoryPlan:
+             world_size: int, gpu_bytes: int, sharded: bool = False) -> MemoryPlan:
     """The plan of `config` for these model shapes (critic None: the policy_head value head;
-    reward None: a reward function instead of a model)."""
+    reward None: a reward function instead of a model; sharded: FSDP over world_size GPUs)."""
     lora = config.lora
+    if sharded and lora is not None:
+        raise CaiError("lora: LoRA runs on one device or data-parallel (DDP) processes, not under FSDP; plan it "
+                       "without --fsdp (each GPU holds the whole frozen base)")
     trainable, frozen = 0, 0
     if lora is None:
         trainable += policy.params
@@ -135,8 +160,10 @@ def plan_ppo(config: PPOConfig, policy: ModelShape, critic: ModelShape | None, r
     vllm = 0
     if config.rollout_engine == "vllm":
         vllm = int(float(config.vllm_options.get("gpu_memory_utilization", 0.3)) * gpu_bytes)
-    return MemoryPlan(world_size=world_size, gpu_bytes=gpu_bytes, weights=4 * trainable + FROZEN_BYTES * frozen,
-                      grads=4 * trainable, optimizer=8 * trainable, vllm=vllm, activations=activations,
+    held = _share(trainable, world_size) if sharded else trainable  # trainable parameters whose state this GPU holds
+    return MemoryPlan(world_size=world_size, sharded=sharded, gpu_bytes=gpu_bytes,
+                      weights=4 * held + FROZEN_BYTES * frozen, grads=4 * held, optimizer=8 * held, vllm=vllm,
+                      activations=activations, gathered=_gathered(config, policy) if sharded else 0,
                       trainable_params=trainable, frozen_params=frozen)
 
 

@@ -34,7 +34,11 @@ PPO"; Ziegler et al. 2019), and where they are:
   hold the policy, the critic, optimizer, scheduler, RNG and the KL controller.
 
 With several processes (`accelerate launch`) each process draws its own share of the step's
-prompts; rewards and advantages are whitened per process, gradients are averaged.
+prompts; rewards and advantages are whitened per process, gradients are averaged. Under FSDP
+(examples/accelerate/fsdp.yaml; cai.train.fsdp) the same loop runs with the policy and the critic
+sharded: each process gathers the full policy to sample its rollouts (or streams full tensors into
+its vLLM engine), and checkpoints and final/ hold full weights. The reference and the reward model
+are frozen and stay whole on every process.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ from pydantic import BaseModel, Field
 from cai.errors import CaiError
 from cai.tokens import encode_prompt, ensure_pad_token, has_chat_template, render_chat
 from cai.train.checkpoint import FINAL, save_final, write_json
+from cai.train.fsdp import FullState, is_sharded
+from cai.train.fsdp import requested as fsdp_requested
 from cai.train.judge_watch import Divergence, detect_divergence, trace_from_metrics
 from cai.train.loop import Session, open_run
 from cai.train.lora import adapter_off, add_lora
@@ -71,7 +77,7 @@ from cai.train.ppo_core import (
     response_mask,
     value_loss,
 )
-from cai.train.ppo_judge import PPOJudge
+from cai.train.ppo_judge import PPOJudge, judge_due
 from cai.train.ppo_models import (
     RewardFn,
     build_sampler,
@@ -283,9 +289,12 @@ def setup(config: PPOConfig, resume: bool, reward_fn: RewardFn | None) -> PPORun
 
     _check_config(config, reward_fn)
     out, last, acc = open_run(config, resume)
-    if acc.distributed_type.value not in ("NO", "MULTI_GPU", "MULTI_CPU"):
-        raise CaiError(f"PPO runs on one device or data-parallel (DDP) processes, not under {acc.distributed_type.value}: "
-                       "the policy samples its rollouts unsharded; launch with examples/accelerate/ddp.yaml")
+    if acc.distributed_type.value not in ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP"):
+        raise CaiError(f"PPO runs on one device, data-parallel (DDP) or FSDP processes, not under "
+                       f"{acc.distributed_type.value}; launch with examples/accelerate/ddp.yaml or fsdp.yaml")
+    if config.judge_every and fsdp_requested(acc):
+        raise CaiError("judge_every (the reward-hacking watch) runs on one device or under DDP, not yet under FSDP: "
+                       "set judge_every: 0 for the FSDP run and judge its checkpoints with `cai eval` instead")
     world = acc.num_processes
     sources = load_prompt_sources(config.prompts)  # before the models: a bad file fails in a second
     tokenizer, policy, ref, value, resized = load_models(config, acc.device)
@@ -300,7 +309,7 @@ def setup(config: PPOConfig, resume: bool, reward_fn: RewardFn | None) -> PPORun
         session.extra_models["critic"] = value_module.model
         value_kw = {"critic": session.modules["value"]}
     else:
-        session.stateful["value_head"] = value_module
+        session.stateful["value_head"] = FullState(value_module) if is_sharded(value_module) else value_module
         value_kw = {"head": session.modules["value"]}
     stop = () if has_chat_template(tokenizer) else HH_STOP
     model_path = config.model_path()
@@ -467,10 +476,9 @@ def record(run: PPORun, convs: list[list[dict[str, str]]], batch: Rollout, raw: 
     state.samples += n * run.world
     state.extra["kl_controller"] = run.kl_ctl.state.model_dump()
     state.extra["totals"] = run.totals.model_dump()
-    judged = run.judge is not None and run.judge.due(state.step, run.steps)
-    if judged:
-        policy = run.acc.unwrap_model(run.policy)
-        stats.judge_win_rate = run.judge.win_rate(policy, run.ref, run.tokenizer).win_rate
+    judged = judge_due(config, state.step, run.steps)
+    if judged and run.judge is not None:  # the main process (setup refuses the watch under FSDP)
+        stats.judge_win_rate = run.judge.win_rate(run.acc.unwrap_model(run.policy), run.ref, run.tokenizer).win_rate
     if judged or state.step % config.log_every == 0 or state.step == run.steps:
         run.session.log("train", stats.model_dump(exclude_none=True))
     if config.sample_every and run.acc.is_main_process and (state.step % config.sample_every == 0 or state.step == 1):

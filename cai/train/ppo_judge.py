@@ -13,7 +13,7 @@ to the RM score, KL and response length, and `cai.train.judge_watch.detect_diver
 back at the end of the run (RM score up while the win rate falls, or length growing without it).
 
 Runs on the main process only: the judge is one more model there, and the answers are greedy, so
-they do not depend on the other processes.
+they do not depend on the other processes. Not yet under FSDP (the run refuses it).
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ from cai.engines.hf import HFEngine
 from cai.train.judge_watch import WinRate, judge_win_rate
 from cai.train.lora import adapter_off
 from cai.train.ppo_config import PPOConfig
+
+
+def judge_due(config: PPOConfig, step: int, last_step: int) -> bool:
+    """Whether step `step` is judged: every `judge_every` steps and the last (the same on every process)."""
+    return bool(config.judge_every) and (step % config.judge_every == 0 or step == last_step)
 
 
 class PPOJudge:
@@ -44,10 +49,6 @@ class PPOJudge:
         self.labeler = load_labeler(settings, None)
         self.sampling = SamplingConfig(temperature=0.0, max_new_tokens=config.max_new_tokens, seed=config.seed)
         self.reference: list[str] | None = None
-
-    def due(self, step: int, last_step: int) -> bool:
-        every = self.config.judge_every
-        return bool(every) and (step % every == 0 or step == last_step)
 
     def answers(self, model: Any, tokenizer: Any) -> list[str]:
         """Greedy answers of `model` to the held-out prompts, in eval mode (dropout and checkpointing off)."""

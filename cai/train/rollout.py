@@ -20,6 +20,7 @@ import torch
 from cai.engines.base import FinishReason, SamplingConfig
 from cai.engines.hf import sample_rows
 from cai.tokens import end_token_ids, left_pad, position_ids, right_pad
+from cai.train.fsdp import gathered
 
 if TYPE_CHECKING:
     from cai.engines.vllm import VLLMEngine
@@ -89,6 +90,7 @@ class PolicySampler:
     end-of-turn token) or when its decoded text contains one of `stop` (the HH format's next turn).
     It samples from the very model PPO updates, so `sync` has nothing to do. Rows that have ended
     leave the batch (and the KV cache), so a few long responses do not keep the whole batch busy.
+    A sharded (FSDP) policy is gathered for the whole of `sample`: each process generates on its own.
     """
 
     def __init__(self, model: Any, tokenizer: Any, stop: tuple[str, ...] = ()):
@@ -108,6 +110,10 @@ class PolicySampler:
     def sample(
         self, prompts: list[list[int]], temperature: float, max_new_tokens: int, seeds: list[int]
     ) -> Rollout:
+        with gathered(self.model):
+            return self._sample(prompts, temperature, max_new_tokens, seeds)
+
+    def _sample(self, prompts: list[list[int]], temperature: float, max_new_tokens: int, seeds: list[int]) -> Rollout:
         device = next(self.model.parameters()).device
         sampling = SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens)
         query, query_mask = left_pad(prompts, self.pad_id, torch.device("cpu"))
