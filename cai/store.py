@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cai.errors import CaiError, InputError
 from cai.hashing import sha256_of
-from cai.locking import Lock, lock_output
+from cai.locking import Lock, check_free, lock_output
 from cai.textio import iter_lines, parse_json_line, read_json
 
 R = TypeVar("R", bound=BaseModel)
@@ -194,6 +194,20 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def _refuse_directory(path: Path) -> None:
+    if path.is_dir():  # never moved aside or written into: a directory is the user's
+        raise CaiError(f"output {path} is a directory, but a stage writes one JSONL file; give a file "
+                       f"path such as {path / 'out.jsonl'}")
+
+
+def check_output(path: str | Path) -> None:
+    """What a stage checks about its output before minutes of model loading: that it is not a
+    directory and that no other live process writes it. `JsonlStore` checks both again when it
+    opens, and its lock is what guarantees one writer."""
+    _refuse_directory(Path(path))
+    check_free(path)
+
+
 class JsonlStore(Generic[R]):
     """An append-only JSONL file of `record_type` rows keyed by their `id` field, written by one process.
 
@@ -212,9 +226,7 @@ class JsonlStore(Generic[R]):
         source: SourcePlan | None = None,
     ) -> None:
         self.path = Path(path)
-        if self.path.is_dir():  # never moved aside or written into: a directory is the user's
-            raise CaiError(f"output {self.path} is a directory, but a stage writes one JSONL file; give a file "
-                           f"path such as {self.path / 'out.jsonl'}")
+        _refuse_directory(self.path)
         self.record_type = record_type
         self.stage = stage
         self.config = config

@@ -274,6 +274,8 @@ CASES = [
          also=["is a directory"]),
     Case("generate-out-dir-force", "generate --config {d}/gen.yaml --out {d}/outdir --force", mkdir("outdir"),
          "{d}/outdir", also=["is a directory"]),
+    Case("generate-out-dir-before-model", "generate --config {d}/gen.yaml --out {d}/outdir --model {d}/no-such-model",
+         mkdir("outdir"), "{d}/outdir", also=["is a directory"]),  # refused before any model is looked for
     Case("label-out-dir-force", "label --critique {d}/sft-in.jsonl --constitution {d}/constitution.yaml "
          "--model {m} --out {d}/outdir --force", mkdir("outdir"), "{d}/outdir",
          also=["is a directory"]),

@@ -27,7 +27,6 @@ from cai.errors import CaiError
 from cai.executors import Batch, ExecutorSettings, RunStats, open_executor, run_into
 from cai.executors.base import EngineInfo, WorkerStats, plan_batches
 from cai.hashing import record_id, sha256_of
-from cai.locking import check_free
 from cai.prompts import (
     CRITIQUE_PREFIX,
     REVISION_PREFIX,
@@ -40,7 +39,7 @@ from cai.prompts import (
 from cai.records import CritiqueStep, Flags, Provenance, SFTRecord
 from cai.stages.copy_check import CopyCheck, few_shot_texts
 from cai.stages.inputs import load_prompts, parse_shard, shard_spec
-from cai.store import JsonlStore, SourcePlan
+from cai.store import JsonlStore, SourcePlan, check_output
 
 # A critique that says one of these (and no problem word) found nothing to fix.
 _NOTHING_FOUND = re.compile(
@@ -340,7 +339,7 @@ def run_critique(config: CritiqueConfig, engine: Engine | None = None, progress:
     select_principles(constitution, config.tags)  # a bad tag fails here, before any worker starts
     conversations = load_prompts(config.prompts, limit=config.limit)
     positions = plan_batches(len(conversations), config.batch_size, parse_shard(config.shard))
-    check_free(config.out)  # fail in a second, not after loading a model
+    check_output(config.out)  # fail in a second, not after loading a model
     executor = open_executor(config.executor_settings(), CritiqueWorker(config, engine, engine_factory))
     start = time.perf_counter()
     try:

@@ -36,7 +36,6 @@ from cai.errors import CaiError
 from cai.executors import Batch, ExecutorSettings, open_executor, run_into
 from cai.executors.base import EngineInfo, WorkerStats, plan_batches
 from cai.hashing import record_id, sha256_of
-from cai.locking import check_free
 from cai.prompts import (
     FeedbackTemplates,
     answer_cue_after_reasoning,
@@ -55,7 +54,7 @@ from cai.stages.pairs import (
     sample_index_pairs,
     sample_responses,
 )
-from cai.store import JsonlStore, read_records
+from cai.store import JsonlStore, check_output, read_records
 
 Mode = Literal["direct", "cot"]
 
@@ -558,7 +557,7 @@ def run_label(config: LabelConfig, engine: Engine | None = None, policy_engine: 
     templates = load_feedback_templates(config.feedback_templates)
     select_principles(constitution, config.tags)
     items = _load_items(config)  # before loading a model, so a bad file fails in a second, not after a minute
-    check_free(config.out)  # likewise: another process writing the output stops this one now
+    check_output(config.out)  # likewise: another process writing the output stops this one now
     executor = open_executor(config.executor_settings(), LabelWorker(config, engine, policy_engine, engine_factory))
     start = time.perf_counter()
     try:
