@@ -68,6 +68,9 @@ def main() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # both ranks reach the end before either tears down: a peer that has already exited makes
+        # gloo's teardown abort the other process ("terminate called without an active exception")
+        dist.barrier()
         dist.destroy_process_group()
 
 
