@@ -36,11 +36,12 @@ from typing import Any
 import torch
 
 from cai.engines.base import Generation, SamplingConfig
-from cai.engines.hf import HFEngine, left_pad
+from cai.engines.hf import HFEngine
 from cai.errors import CaiError
 from cai.records import SFTRecord
 from cai.stages.critique import CritiqueConfig, run_critique
 from cai.store import read_records
+from cai.tokens import left_pad
 
 
 class Recorder:

@@ -141,7 +141,7 @@ def peak_mb(device: torch.device) -> float:
 def generation_figures(name: str, engine: Any, sizes: dict[str, Any], device: torch.device) -> None:
     """Our engine vs model.generate on the same prompts and batch size, greedy, fixed length."""
     from cai.engines.base import SamplingConfig
-    from cai.engines.hf import encode_prompt, left_pad
+    from cai.tokens import encode_prompt, left_pad
 
     n, words, new, batch = sizes["gen"]
     texts = prompts(n, words)
@@ -235,8 +235,8 @@ def vllm_figures(model_dir: Path, sizes: dict[str, Any]) -> None:
     import vllm
 
     from cai.engines.base import SamplingConfig
-    from cai.engines.hf import encode_prompt
     from cai.engines.vllm import VLLMEngine
+    from cai.tokens import encode_prompt
 
     n, words, new, _ = sizes["gen"]
     n *= 4

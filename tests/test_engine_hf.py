@@ -10,8 +10,9 @@ import torch
 from cai.conversation import HH_STOP, to_hh
 from cai.engines import hf, load_engine
 from cai.engines.base import Engine, SamplingConfig, row_flag
-from cai.engines.hf import HFEngine, ensure_pad_token, sample_rows, turn_end_ids
+from cai.engines.hf import HFEngine, sample_rows
 from cai.errors import CaiError
+from cai.tokens import ensure_pad_token, turn_end_ids
 
 PROMPTS = [
     "Human: how do I bake bread?",

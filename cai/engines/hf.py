@@ -42,8 +42,7 @@ from cai.engines.lengths import (
     prompt_budget,
 )
 from cai.errors import CaiError
-from cai.tokens import (  # noqa: F401  (re-exported: the engines' callers import them from here)
-    END_OF_TURN_TOKENS,
+from cai.tokens import (
     encode_prompt,
     end_token_ids,
     ensure_pad_token,
@@ -51,7 +50,6 @@ from cai.tokens import (  # noqa: F401  (re-exported: the engines' callers impor
     left_pad,
     position_ids,
     render_chat,
-    turn_end_ids,
 )
 
 log = logging.getLogger(__name__)

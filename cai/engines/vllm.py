@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 from cai.conversation import HH_STOP
 from cai.engines.base import FinishReason, Generation, SamplingConfig, Scores
-from cai.engines.hf import encode_prompt, has_chat_template, render_chat, turn_end_ids
 from cai.engines.identity import stable_model_id
 from cai.engines.lengths import (
     OVERLONG_RULES,
@@ -41,6 +40,7 @@ from cai.engines.lengths import (
     prompt_budget,
 )
 from cai.errors import CaiError
+from cai.tokens import encode_prompt, has_chat_template, render_chat, turn_end_ids
 
 if TYPE_CHECKING:
     import torch
