@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from cai.train import ppo_core
 from cai.train.ppo_core import (
     KLController,
     KLControllerState,
@@ -92,6 +93,66 @@ def test_logprobs_and_entropy_from_logits():
     assert logprobs_from_logits(logits, torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
     expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     assert entropy_from_logits(logits).item() == pytest.approx(expected)
+
+
+def _plain_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The unchunked formula, through autograd: what logprobs_from_logits must equal bit for bit."""
+    logp = torch.log_softmax(logits[:, : tokens.shape[1]].float() / temperature, dim=-1)
+    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("chunk_floats", [1 << 24, 13, 1])  # all at once, 1-2 positions, one position per chunk
+def test_chunked_logprobs_equal_the_plain_formula_in_values_and_gradients(monkeypatch, chunk_floats):
+    monkeypatch.setattr(ppo_core, "_CHUNK_FLOATS", chunk_floats)
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 6, 11, generator=g)).requires_grad_()  # 6 positions for 5 tokens
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    weights = torch.randn(3, 5, generator=g)
+    got = logprobs_from_logits(logits, tokens, 0.7)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), logits)
+    want = _plain_logprobs(logits, tokens, 0.7)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), logits)
+    assert torch.equal(got, want)
+    assert torch.equal(grad_got, grad_want)
+    assert grad_got[:, 5].abs().sum() == 0  # the extra last position gets no gradient
+    entropy = entropy_from_logits(logits, 5, 0.7)
+    p = torch.softmax(logits[:, :5].detach() / 0.7, -1)
+    assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-6)
+    with pytest.raises(ValueError, match="6 tokens but logits for only 5 positions"):
+        logprobs_from_logits(logits[:, :5], torch.zeros(3, 6, dtype=torch.long))
+
+
+def test_chunked_logprobs_create_one_full_size_tensor_where_the_plain_formula_creates_seven(monkeypatch):
+    """Memory: a [B, T, V] tensor is 1 GB for 8 x 512 tokens of a 64k vocabulary; the plain formula makes
+    the temperature-scaled logits and the log-softmax in forward, and the gather's scatter, the
+    log-softmax and division gradients and the slice's gradient in backward. Counted with a dispatch
+    mode that sees every tensor an operator returns."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountFullSize(TorchDispatchMode):
+        def __init__(self, numel: int):
+            super().__init__()
+            self.numel, self.count = numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in args if isinstance(t, torch.Tensor)}
+            self.count += sum(isinstance(t, torch.Tensor) and t.numel() >= self.numel  # new memory, not a view
+                              and t.untyped_storage().data_ptr() not in inputs
+                              for t in (out if isinstance(out, tuple) else (out,)))
+            return out
+
+    monkeypatch.setattr(ppo_core, "_CHUNK_FLOATS", 64)
+    tokens = torch.randint(0, 64, (2, 8))
+
+    def full_size_created(fn) -> int:
+        logits = torch.randn(2, 9, 64, requires_grad=True)
+        with CountFullSize(2 * 8 * 64) as mode:
+            fn(logits * 1.0, tokens, 0.7).sum().backward()  # * 1.0: a fresh tensor, as a model's output is
+        return mode.count - 2  # less the `* 1.0` and its gradient
+
+    assert full_size_created(logprobs_from_logits) == 1  # the gradient buffer
+    assert full_size_created(_plain_logprobs) == 7
 
 
 def test_policy_loss_equals_clipped_surrogate_by_hand():

@@ -341,3 +341,33 @@ def test_fit_resume_matches_uninterrupted_run(tmp_path):
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if r["split"] == "eval"] == [6]
     assert rows[0]["samples_per_s"] > 0 and rows[0]["rows"] == 5 and "grad_norm" in rows[0]
+
+
+def _tiny_lm(tie: bool) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tie))
+
+
+def _two_micro_batch_grads(model: torch.nn.Module) -> torch.Tensor:
+    """The embedding weight's gradient after two accumulated backward passes (repeated tokens in each)."""
+    for ids in (torch.tensor([[1, 2, 2, 7, 1]]), torch.tensor([[7, 7, 3, 4, 9]])):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return model.get_input_embeddings().weight.grad
+
+
+def test_a_tied_embedding_gets_sparse_rows_summed_into_a_dense_gradient():
+    from cai.train.models import sparse_tied_embedding_grad
+
+    dense, sparse = _tiny_lm(tie=True), _tiny_lm(tie=True)
+    assert sparse_tied_embedding_grad(sparse) and sparse.get_input_embeddings().sparse
+    want, got = _two_micro_batch_grads(dense), _two_micro_batch_grads(sparse)
+    assert not got.is_sparse  # AdamW (fused) takes it as it is
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-7)  # the same sum, added in another order
+    untied = _tiny_lm(tie=False)
+    assert not sparse_tied_embedding_grad(untied) and not untied.get_input_embeddings().sparse
+    frozen = _tiny_lm(tie=True)
+    frozen.get_input_embeddings().weight.requires_grad_(False)  # LoRA: the base is frozen
+    assert not sparse_tied_embedding_grad(frozen)

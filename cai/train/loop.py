@@ -30,6 +30,7 @@ from cai.train.config import TrainConfig
 from cai.train.data import BatchStream, seed_everything, total_steps
 from cai.train.devices import make_accelerator
 from cai.train.metrics import MetricsLogger
+from cai.train.models import sparse_tied_embedding_grad
 from cai.train.optim import build_optimizer, build_scheduler, check_finite
 
 
@@ -64,6 +65,9 @@ class Session:
         sharded = fsdp.requested(acc)
         prepare = (lambda m: fsdp.shard(m, acc)) if sharded else acc.prepare
         self.modules = {name: prepare(m) for name, m in modules.items()}
+        if not sharded:  # after DDP's wrapping, whose reducer then expects the (dense) sum, as it gets
+            for module in self.modules.values():
+                sparse_tied_embedding_grad(module)
         self.model = next(iter(self.modules.values()))
         optimizer = build_optimizer(torch.nn.ModuleDict(self.modules), config)
         self.optimizer = optimizer if sharded else acc.prepare(optimizer)

@@ -23,3 +23,26 @@ def prepare_model(model: torch.nn.Module, config: TrainConfig) -> None:
     model.config.use_cache = False
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def sparse_tied_embedding_grad(model: torch.nn.Module) -> bool:
+    """Make the input embedding's gradient sparse when its weight is the LM head's (tied, as in Gemma 3
+    and Llama 3.2); returns whether it did.
+
+    Why: with a tied weight, backward builds two dense [vocab, hidden] gradients (the LM head's and
+    the embedding's) and then sums them, so a second full-size gradient exists at the peak (670 MB
+    for Gemma 3 270M in fp32, ~1 GB for a 1B model). A sparse embedding gradient holds one row per
+    input token and is added into the LM head's dense gradient, so the weight's gradient is the same
+    sum, dense, and the second copy never exists. An untied embedding keeps its dense gradient
+    (AdamW refuses sparse ones); a frozen one (LoRA) has none. Not for FSDP-sharded weights.
+    """
+    for m in model.modules():
+        if not (hasattr(m, "get_input_embeddings") and hasattr(m, "get_output_embeddings")):
+            continue
+        inp, out = m.get_input_embeddings(), m.get_output_embeddings()
+        tied = (isinstance(inp, torch.nn.Embedding) and out is not None and out.weight is inp.weight
+                and inp.weight.requires_grad)
+        if tied:
+            inp.sparse = True
+        return tied
+    return False

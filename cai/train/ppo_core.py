@@ -48,16 +48,75 @@ def masked_whiten(
     return out * mask
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under softmax(logits); logits [B, T, V], tokens [B, T] -> [B, T]."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return torch.gather(logp, 2, tokens.unsqueeze(-1)).squeeze(-1)
+# Positions of the [B, T, V] logits handled at once: at most ~16M floats (64 MB) per chunk, so the
+# full-vocabulary temporaries (a 262k-token vocabulary makes a row 1 MB) never exist for all rows.
+_CHUNK_FLOATS = 1 << 24
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of each position's next-token distribution, [B, T, V] -> [B, T]."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def _position_chunks(shape: torch.Size, length: int) -> list[tuple[int, slice]]:
+    """(row, positions) pieces covering the first `length` positions of each of shape[0] rows."""
+    step = max(1, _CHUNK_FLOATS // shape[-1])
+    return [(b, slice(t, min(t + step, length))) for b in range(shape[0]) for t in range(0, length, step)]
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature)[token] for one [T, V] piece: the plain formula, which the
+    chunked function below applies piece by piece (so its results are those of this formula)."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return torch.gather(logp, -1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log p(token) for every position, computed and differentiated a chunk of positions at a time.
+
+    Autograd on the plain formula keeps the [B, T, V] log-softmax for backward and, in backward,
+    allocates three more tensors of that size (the gather's scatter, the log-softmax gradient, the
+    temperature division's gradient), plus one for the slice a caller takes. Here only the logits
+    (which exist anyway) are kept; backward recomputes each chunk's log-softmax and writes its
+    gradient into one [B, T', V] buffer. Each chunk runs the same kernels on the same rows as the
+    plain formula, so values and gradients are the same bits."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+        out = torch.empty(tokens.shape, dtype=torch.float32, device=logits.device)
+        for b, t in _position_chunks(logits.shape, tokens.shape[1]):
+            out[b, t] = _token_logprobs(logits[b, t], tokens[b, t], temperature)
+        ctx.save_for_backward(logits, tokens)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, tokens = ctx.saved_tensors
+        grad_logits = torch.zeros_like(logits)  # positions past T (the caller's extra one) get zero
+        for b, t in _position_chunks(logits.shape, tokens.shape[1]):
+            with torch.enable_grad():
+                piece = logits[b, t].detach().requires_grad_()
+                logp = _token_logprobs(piece, tokens[b, t], ctx.temperature)
+                grad_logits[b, t] = torch.autograd.grad(logp, piece, grad[b, t])[0]
+        return grad_logits, None, None
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature): logits [B, T', V] with T' >= T, tokens
+    [B, T] -> float32 [B, T]. Position t's logits score token t; positions past T are ignored (pass
+    the model's logits unsliced: a slice would cost a full-size copy in backward). Memory: the
+    logits and one chunk, not four [B, T, V] tensors (see _ChunkedTokenLogprobs)."""
+    if tokens.shape[1] > logits.shape[1]:
+        raise ValueError(f"{tokens.shape[1]} tokens but logits for only {logits.shape[1]} positions")
+    return _ChunkedTokenLogprobs.apply(logits, tokens, temperature)
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, length: int | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / temperature) at each of the first `length` positions (default
+    all), [B, T', V] -> float32 [B, length]; a chunk of positions at a time, not differentiable."""
+    length = logits.shape[1] if length is None else length
+    out = torch.empty(logits.shape[0], length, dtype=torch.float32, device=logits.device)
+    for b, t in _position_chunks(logits.shape, length):
+        logp = F.log_softmax(logits[b, t].float() / temperature, dim=-1)
+        out[b, t] = -(logp.exp() * logp).sum(-1)
+    return out
 
 
 def response_mask(ended_at: torch.Tensor, length: int) -> torch.Tensor:

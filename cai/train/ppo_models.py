@@ -151,9 +151,8 @@ def forward(policy: Any, batch: Rollout, rows: torch.Tensor, temperature: float,
     keep = response.shape[1] + 1
     out = policy(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep,
                  output_hidden_states=head is not None, use_cache=False)
-    logits = out.logits[:, :-1].float() / temperature
-    logprobs = logprobs_from_logits(logits, response)
-    entropy = entropy_from_logits(logits.detach()) if want_entropy else None
+    logprobs = logprobs_from_logits(out.logits, response, temperature)  # the last position is ignored
+    entropy = entropy_from_logits(out.logits, response.shape[1], temperature) if want_entropy else None
     values = None
     if head is not None:
         values = head(out.hidden_states[-1][:, -keep:-1].float()).squeeze(-1).float()
