@@ -10,7 +10,9 @@ and the trainers alternate over --rounds rounds (TRL, ours, ours with LoRA, TRL,
 disturbance from other jobs hits all of them; each reports its best round (shortest step time,
 highest rates; peak memory is the largest seen). `ours_lora` is our trainer with a `lora:` block
 (--lora-r, all linear layers): the reference is then the adapter turned off, the critic trains
-adapters; TRL's RLOOTrainer runs a full fine-tune, its default. --no-lora leaves it out.
+adapters; TRL's RLOOTrainer runs a full fine-tune, its default. --no-lora leaves it out. --critic-lora adds
+`ours_critic_lora`: the policy trains in full and the critic is LoRA adapters on the reward model,
+which then also serves as the frozen reward model (its adapters off), so the RM is held once.
 
 What differs by design: our PPO also trains a critic (a copy of the reward model read at every
 token, or with --critic policy_head a value head on the policy), which RLOO does without; and our
@@ -59,14 +61,15 @@ def worker_ours(a: argparse.Namespace) -> dict:
     from cai.train.ppo import PPOConfig, run_ppo
 
     out = Path(a.out) / f"{a.worker}-{a.critic}-{a.round}"
-    lora = {"r": a.lora_r, "alpha": 2.0 * a.lora_r} if a.worker == "ours-lora" else None
+    lora = {"r": a.lora_r, "alpha": 2.0 * a.lora_r}
+    adapters = {"lora": lora} if a.worker == "ours-lora" else {"critic_lora": lora} if a.worker == "ours-critic-lora" else {}
     cfg = PPOConfig(
         model=a.model, reward_model=str(Path(a.out) / "rm"), critic=a.critic, out_dir=str(out),
         prompts=[{"file": str(Path(a.out) / "prompts.jsonl")}], prompts_per_step=a.prompts,
         completions_per_prompt=a.completions, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
         batch_size=a.micro, grad_accum=_episodes(a) // a.micro, ppo_epochs=1, max_steps=a.steps, kl_coef=0.05,
         lr=a.lr, schedule="linear", warmup_steps=0, max_grad_norm=1.0, unfinished_penalty=0.0, normalize_reward=False,
-        sample_every=0, plot=False, seed=a.seed, device="auto", dtype="fp32", lora=lora,
+        sample_every=0, plot=False, seed=a.seed, device="auto", dtype="fp32", **adapters,
     )
     run_ppo(cfg)
     rows = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"][1:]
@@ -188,7 +191,8 @@ def ratios(report: dict, names: list[str]) -> dict:
     trl = report["trl"]
     out = {}
     for name in names[1:]:
-        ours, label = report[name.replace("-", "_")], {"ours": "ours_full", "ours-lora": "ours_lora"}[name]
+        ours = report[name.replace("-", "_")]
+        label = {"ours": "ours_full", "ours-lora": "ours_lora", "ours-critic-lora": "ours_full_critic_lora"}[name]
         out[f"{label}_step_time_over_trl_step_time (lower is better)"] = ours["step_s"] / trl["step_s"]
         out[f"{label}_tokens_per_s_over_trl_tokens_per_s (higher is better)"] = ours["tokens_per_s"] / trl["tokens_per_s"]
         out[f"{label}_generated_tokens_per_s_over_trl (higher is better)"] = ours["gen_tokens_per_s"] / trl["gen_tokens_per_s"]
@@ -213,12 +217,16 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating runs of each trainer; the best round counts")
     ap.add_argument("--lora-r", type=int, default=16, help="adapter rank of the ours_lora variant")
     ap.add_argument("--no-lora", action="store_true", help="leave out the ours_lora variant")
+    ap.add_argument("--critic-lora", action="store_true", help="add ours_critic_lora: the policy in full, the critic "
+                    "LoRA adapters on the reward model, which it also holds (--critic reward_model)")
     ap.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="work dir (default: a temp dir)")
-    ap.add_argument("--worker", choices=["ours", "ours-lora", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["ours", "ours-lora", "ours-critic-lora", "trl"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     if _episodes(a) % a.micro:
         ap.error("--prompts * --completions must be a multiple of --micro")
+    if a.critic_lora and a.critic != "reward_model":
+        ap.error("--critic-lora needs --critic reward_model")
     if a.worker:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         result = worker_trl(a) if a.worker == "trl" else worker_ours(a)
@@ -240,7 +248,7 @@ def main() -> int:
             "--prompts", str(a.prompts), "--completions", str(a.completions), "--max-new-tokens", str(a.max_new_tokens),
             "--micro", str(a.micro), "--temperature", str(a.temperature), "--lr", str(a.lr), "--critic", a.critic,
             "--seed", str(a.seed), "--out", a.out, "--lora-r", str(a.lora_r)]
-    names = ["trl", "ours"] + ([] if a.no_lora else ["ours-lora"])
+    names = ["trl", "ours"] + ([] if a.no_lora else ["ours-lora"]) + (["ours-critic-lora"] if a.critic_lora else [])
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(a.rounds):
         for name in names:

@@ -192,6 +192,43 @@ def test_ppo_on_bf16_frozen_models_with_an_fp32_trainer(tiny_model_dir, tmp_path
     assert final["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("frozen", ["float32", "bfloat16"])
+def test_a_lora_critic_from_the_reward_model_scores_as_the_reward_model_with_one_copy(
+        tiny_model_dir, tmp_path, monkeypatch, frozen):
+    """A full fine-tune of the policy with critic_lora: the reward model is loaded once (as the critic's
+    base) and scores with the critic's adapters off and its original head, as a copy of its own would;
+    bf16 (a GPU's frozen dtype) puts the fp32 head over a bf16 base in the reward model's own forward."""
+    from cai.train import ppo, ppo_models, reward
+
+    rm = tmp_path / "rm"
+    run_reward(RewardConfig(model=str(tiny_model_dir), out_dir=str(rm), train_file=str(_pairs(tmp_path / "p.jsonl")),
+                            device="cpu", lr=1e-2, max_steps=2, batch_size=4, max_length=48, plot=False))
+    for module in (ppo, ppo_models):
+        monkeypatch.setattr(module, "frozen_dtype", lambda device: frozen)
+    loads = []
+    real = reward.load_reward_model
+    monkeypatch.setattr(reward, "load_reward_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    prompts = tmp_path / "red.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
+    out = tmp_path / "run"
+    run_ppo(PPOConfig(model=str(tiny_model_dir), out_dir=str(out), prompts=[{"file": str(prompts)}], device="cpu",
+                      reward_model=str(rm / "final"), critic_lora=LORA, prompts_per_step=4, max_new_tokens=6, lr=1e-2,
+                      ppo_epochs=2, batch_size=2, grad_accum=2, max_steps=3, sample_every=1, samples_per_log=4,
+                      plot=False, normalize_reward=False))
+    assert loads == [str(rm / "final")]  # the critic; no second copy for scoring
+    critic = load_file(str(out / "checkpoints" / "step-00000003" / "critic" / "adapter_model.safetensors"))
+    head = next(v for k, v in critic.items() if "score" in k)
+    trained_rm = load_file(str(rm / "final" / "model.safetensors"))
+    assert not torch.allclose(head.float(), trained_rm["score.weight"].float())  # the critic's head moved
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines() if json.loads(x)["step"] == 3]
+    own = RewardScorer(rm / "final", device="cpu", dtype=frozen)
+    want = own.score_messages([r["prompt"] + [{"role": "assistant", "content": r["response"]}] for r in rows])
+    tolerance = 1e-6 if frozen == "float32" else 0.05  # bf16: our fp32 head against the copy's bf16 head
+    assert [r["score"] for r in rows] == pytest.approx(want, abs=tolerance)
+    policy = load_file(str(out / "final" / "model.safetensors"))
+    assert policy["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float32  # the policy trained in full
+
+
 def test_lora_under_fsdp_is_refused_plainly(tmp_path, monkeypatch):
     from cai.train import loop
 

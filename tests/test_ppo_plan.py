@@ -88,6 +88,21 @@ def test_7b_full_fine_tune_fits_80_gib_gpus_under_fsdp_and_not_under_ddp():
     assert hf.grads == 4 * -(-trainable // 3) and hf.gathered == 4 * 1_235_814_400
 
 
+def test_a_lora_critic_loaded_from_the_reward_model_counts_the_reward_model_once():
+    """A full fine-tune of the policy with a LoRA critic: the critic's frozen base is the reward model."""
+    p = 1_235_814_400
+    config = _config(critic="reward_model", reward_model="rm", critic_lora={"r": 16}, dtype="fp32")
+    plan = plan_ppo(config, LLAMA_1B, LLAMA_1B, LLAMA_1B, world_size=1, gpu_bytes=80 * GIB)
+    # 16 layers of adapters r * (in + out): q, o 2048 -> 2048; k, v 2048 -> 512; gate, up, down 2048 <-> 8192
+    adapters = 16 * 16 * (2 * (2048 + 2048) + 2 * (2048 + 512) + 3 * (2048 + 8192))
+    assert (plan.trainable_params, plan.frozen_params) == (p + adapters + 2048 + 1, 2 * p)  # reference + RM
+    elsewhere = plan_ppo(_config(critic="reward_model", reward_model="rm", critic_model="other", critic_lora={"r": 16},
+                                 dtype="fp32"), LLAMA_1B, LLAMA_1B, LLAMA_1B, world_size=1, gpu_bytes=80 * GIB)
+    assert elsewhere.frozen_params == 3 * p  # a critic from another model: its base and the RM apart
+    with pytest.raises(ValueError, match="critic_lora is for critic: reward_model"):
+        _config(critic="policy_head", critic_lora={"r": 16})
+
+
 def test_lora_is_not_planned_under_fsdp():
     with pytest.raises(CaiError, match="not under FSDP"):
         plan_ppo(_config(lora={"r": 8}, critic="policy_head"), LLAMA_1B, None, None, 2, 80 * GIB, sharded=True)

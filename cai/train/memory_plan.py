@@ -8,7 +8,8 @@ smaller vLLM share, fewer episodes per micro-batch). The rules, in bytes:
 - trainable weights are fp32 (4 per parameter, also under bf16 mixed precision), their gradients
   fp32 (4) and AdamW's two moments fp32 (8): 16 per trainable parameter;
 - frozen models live in bf16 on a GPU (2 per parameter): the reference (none with LoRA: it is the
-  policy with its adapter off), the reward model, and with LoRA the bases of policy and critic;
+  policy with its adapter off), the reward model, and with LoRA the bases of policy and critic (a
+  LoRA critic loaded from the reward model is also the reward model, its adapters off: counted once);
 - LoRA adds r * (in + out) trainable parameters per adapted linear layer; heads trained in full
   (the critic's score, the policy_head value head: hidden + 1) count as trainable;
 - vLLM (rollout_engine vllm) reserves gpu_memory_utilization of the whole GPU while it is awake;
@@ -132,8 +133,8 @@ def plan_ppo(config: PPOConfig, policy: ModelShape, critic: ModelShape | None, r
              world_size: int, gpu_bytes: int, sharded: bool = False) -> MemoryPlan:
     """The plan of `config` for these model shapes (critic None: the policy_head value head;
     reward None: a reward function instead of a model; sharded: FSDP over world_size GPUs)."""
-    lora = config.lora
-    if sharded and lora is not None:
+    lora, critic_lora = config.lora, config.critic_lora_settings()
+    if sharded and (lora is not None or config.critic_lora is not None):
         raise CaiError("lora: LoRA runs on one device or data-parallel (DDP) processes, not under FSDP; plan it "
                        "without --fsdp (each GPU holds the whole frozen base)")
     trainable, frozen = 0, 0
@@ -145,12 +146,13 @@ def plan_ppo(config: PPOConfig, policy: ModelShape, critic: ModelShape | None, r
         frozen += policy.params
     if critic is None:
         trainable += policy.hidden + 1
-    elif lora is None:
+    elif critic_lora is None:
         trainable += critic.params
     else:
-        trainable += critic.lora_params(lora) + critic.hidden + 1  # adapters + the score head in full
+        trainable += critic.lora_params(critic_lora) + critic.hidden + 1  # adapters + the score head in full
         frozen += critic.params
-    frozen += reward.params if reward is not None else 0
+    critic_holds_reward = critic is not None and config.critic_holds_reward_model()
+    frozen += reward.params if reward is not None and not critic_holds_reward else 0
     tokens = config.batch_size * (config.max_prompt_tokens + config.max_new_tokens)
     bf16 = config.dtype == "bf16"
     activations = _activations(policy, tokens, config.gradient_checkpointing, bf16)

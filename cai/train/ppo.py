@@ -292,13 +292,16 @@ def setup(config: PPOConfig, resume: bool, reward_fn: RewardFn | None) -> PPORun
     if acc.distributed_type.value not in ("NO", "MULTI_GPU", "MULTI_CPU", "FSDP"):
         raise CaiError(f"PPO runs on one device, data-parallel (DDP) or FSDP processes, not under "
                        f"{acc.distributed_type.value}; launch with examples/accelerate/ddp.yaml or fsdp.yaml")
+    if config.critic_lora is not None and fsdp_requested(acc):
+        raise CaiError("critic_lora: a LoRA critic runs on one device or data-parallel (DDP) processes, not under "
+                       "FSDP; launch with examples/accelerate/ddp.yaml, or drop critic_lora to shard a full critic")
     if config.judge_every and fsdp_requested(acc):
         raise CaiError("judge_every (the reward-hacking watch) runs on one device or under DDP, not yet under FSDP: "
                        "set judge_every: 0 for the FSDP run and judge its checkpoints with `cai eval` instead")
     world = acc.num_processes
     sources = load_prompt_sources(config.prompts)  # before the models: a bad file fails in a second
     tokenizer, policy, ref, value, resized = load_models(config, acc.device)
-    score_fn = reward_fn or reward_model_fn(config, acc.device)
+    score_fn = reward_fn or reward_model_fn(config, acc.device, value)
     schedule = PromptSchedule(sources, [s.weight for s in config.prompts], config.prompts_per_step * world, config.seed)
     n_prompts = sum(len(s) for s in sources)
     steps = config.max_steps or max(1, math.ceil(config.epochs * n_prompts / (config.prompts_per_step * world)))

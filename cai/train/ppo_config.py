@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cai.train.config import TrainConfig
+from cai.train.config import LoraSettings, TrainConfig
 
 
 class PromptSource(BaseModel):
@@ -34,6 +34,10 @@ class PPOConfig(TrainConfig):
         "reward_model", description="reward_model: a separate critic initialised from the RM; policy_head: a value "
         "head on the policy's last hidden state (shared trunk, one model less)")
     critic_model: str | None = Field(None, description="initialise the critic from this model instead of reward_model")
+    critic_lora: LoraSettings | None = Field(
+        None, description="critic: reward_model only: LoRA adapters for the critic (its score head trains in full), "
+        "also when the policy trains in full; default: the lora block. A LoRA critic started from the reward model "
+        "itself holds the frozen reward model too (its adapters off): one copy of those weights, not two")
     prompts: list[PromptSource] = Field(min_length=1)
     max_prompt_tokens: int = Field(256, ge=8, description="longer prompts keep BOS and their last tokens")
     prompts_per_step: int = Field(8, ge=1, description="prompts sampled per PPO step (per process)")
@@ -88,6 +92,23 @@ class PPOConfig(TrainConfig):
                 f"batch_size * grad_accum ({minibatch})"
             )
         return self
+
+    @model_validator(mode="after")
+    def _critic_lora(self) -> PPOConfig:
+        if self.critic_lora is not None and self.critic != "reward_model":
+            raise ValueError("critic_lora is for critic: reward_model; the policy_head value head trains with the policy")
+        return self
+
+    def critic_lora_settings(self) -> LoraSettings | None:
+        """The critic's LoRA settings: critic_lora, else the lora block (None: the critic trains in full)."""
+        return self.critic_lora or self.lora
+
+    def critic_holds_reward_model(self) -> bool:
+        """Whether the frozen reward model is the LoRA critic with its adapters off: the critic is a LoRA
+        model loaded from the reward model's own directory (whose head it keeps, untrained, beside the
+        one it trains)."""
+        return (self.critic == "reward_model" and self.critic_lora_settings() is not None
+                and self.reward_model is not None and self.critic_model in (None, self.reward_model))
 
     @model_validator(mode="after")
     def _judge(self) -> PPOConfig:

@@ -26,11 +26,14 @@ RewardFn = Callable[[list[list[dict[str, str]]], list[str]], list[float]]
 
 class TokenCritic(torch.nn.Module):
     """A sequence-classification model (the reward model) read at every position: its score head on
-    each hidden state is the value of the state before the next token."""
+    each hidden state is the value of the state before the next token. `reward_tokenizer` is set when
+    the model is a LoRA model loaded from the reward model, which then also scores with its adapters
+    off (and that tokenizer, the reward model's own)."""
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, reward_tokenizer: Any = None):
         super().__init__()
         self.model = model
+        self.reward_tokenizer = reward_tokenizer
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                 keep: int) -> torch.Tensor:
@@ -38,13 +41,18 @@ class TokenCritic(torch.nn.Module):
         backbone = getattr(model, model.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state
-        return model.score(hidden[:, -keep:].float()).squeeze(-1).float()  # the head is fp32 over a bf16 base
+        return model.score(hidden[:, -keep:]).squeeze(-1).float()
+
+
+def _cast_to_weight_dtype(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Forward pre-hook of an fp32 head over a bf16 base: its input in the head's dtype."""
+    return (args[0].to(module.weight.dtype), *args[1:])
 
 
 def load_critic(path: str, tokenizer: Any, config: PPOConfig, device: torch.device) -> TokenCritic:
-    """The critic from a reward model (its trained head) or any causal LM (a zero head). With
-    config.lora, the critic trains its own adapters on its frozen base (bf16 on a GPU) and its head
-    in full (fp32)."""
+    """The critic from a reward model (its trained head) or any causal LM (a zero head). With LoRA
+    (config.critic_lora_settings()), the critic trains its own adapters on its frozen base (bf16 on a
+    GPU) and its head in full (fp32); loaded from the reward model itself, it holds the reward model."""
     from transformers import AutoConfig
 
     from cai.train.reward import load_reward_model
@@ -52,7 +60,8 @@ def load_critic(path: str, tokenizer: Any, config: PPOConfig, device: torch.devi
     local_only = not Path(path).is_dir()
     trained = any(a.endswith("ForSequenceClassification")
                   for a in AutoConfig.from_pretrained(path, local_files_only=local_only).architectures or [])
-    critic_tok, model = load_reward_model(path, getattr(torch, frozen_dtype(device)) if config.lora else torch.float32)
+    lora = config.critic_lora_settings()
+    critic_tok, model = load_reward_model(path, getattr(torch, frozen_dtype(device)) if lora else torch.float32)
     if critic_tok.get_vocab() != tokenizer.get_vocab():
         raise CaiError(
             f"critic: reward_model needs a critic with the policy's tokenizer, and {path} has another one; "
@@ -62,27 +71,31 @@ def load_critic(path: str, tokenizer: Any, config: PPOConfig, device: torch.devi
         with torch.no_grad():
             model.score.weight.zero_()
     prepare_model(model, config)
-    if config.lora is not None:
+    if lora is not None:
         model.score.float()
-        model = add_lora(model, config.lora, full=("score",))
-    return TokenCritic(model)
+        model.score.register_forward_pre_hook(_cast_to_weight_dtype)  # peft's trainable copy keeps the hook
+        model = add_lora(model, lora, full=("score",))
+    return TokenCritic(model, critic_tok if trained and config.critic_holds_reward_model() else None)
 
 
-def reward_model_fn(config: PPOConfig, device: torch.device) -> RewardFn:
-    """Scores from the frozen reward model, on the conversation + response rendered as in RM training."""
+def reward_model_fn(config: PPOConfig, device: torch.device, critic: Any = None) -> RewardFn:
+    """Scores from the frozen reward model, on the conversation + response rendered as in RM training:
+    the critic with its adapters off when it holds the reward model, else a copy of its own."""
     from cai.train.reward import RewardScorer
 
-    # frozen: bf16 on a GPU whatever the trainer's dtype (half the memory, and the score only ranks)
-    scorer = RewardScorer(str(config.reward_model), device=str(device), dtype=frozen_dtype(device),
-                          batch_size=config.reward_batch_size, max_length=config.reward_max_length,
-                          normalize=config.normalize_reward)
-    disable_dropout(scorer.model)
+    options = {"batch_size": config.reward_batch_size, "max_length": config.reward_max_length,
+               "normalize": config.normalize_reward}
+    if isinstance(critic, TokenCritic) and critic.reward_tokenizer is not None:
+        scorer = RewardScorer.inside_lora(critic.reward_tokenizer, critic.model, device, **options)
+    else:
+        # frozen: bf16 on a GPU whatever the trainer's dtype (half the memory, and the score only ranks)
+        scorer = RewardScorer(str(config.reward_model), device=str(device), dtype=frozen_dtype(device), **options)
+        disable_dropout(scorer.model)
 
     def score(convs: list[list[dict[str, str]]], texts: list[str]) -> list[float]:
         return scorer.score_messages([c + [{"role": "assistant", "content": t}] for c, t in zip(convs, texts)])
 
     return score
-
 
 
 def build_sampler(config: PPOConfig, policy: Any, tokenizer: Any, stop: tuple[str, ...], model_path: str,

@@ -14,9 +14,11 @@ After training the reward mean and std on the test pairs are stored in the model
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from cai.train.checkpoint import FINAL, save_final, write_json
 from cai.train.config import TrainConfig
 from cai.train.devices import dist_info
 from cai.train.loop import LossFn, fit, open_run, start_supervised
-from cai.train.lora import add_lora
+from cai.train.lora import adapter_off, add_lora
 from cai.train.metrics import plot_curves
 from cai.train.models import prepare_model
 
@@ -416,9 +418,23 @@ class RewardScorer:
                  max_length: int = 1024, normalize: bool = False):
         from cai.engines.hf import resolve_device, resolve_dtype
 
-        self.device = resolve_device(device)
-        self.tokenizer, self.model = load_reward_model(str(path), resolve_dtype(dtype, self.device))
-        self.model.to(self.device).eval()
+        dev = resolve_device(device)
+        tokenizer, model = load_reward_model(str(path), resolve_dtype(dtype, dev))
+        self._use(tokenizer, model.to(dev).eval(), dev, batch_size, max_length, normalize, contextlib.nullcontext)
+
+    @classmethod
+    def inside_lora(cls, tokenizer: Any, model: Any, device: torch.device, batch_size: int = 16,
+                    max_length: int = 1024, normalize: bool = False) -> RewardScorer:
+        """The reward model inside a LoRA model loaded from it (PPO's critic): `model` scores with its
+        adapters off, and a head trained beside them (peft's modules_to_save) switches back to the
+        original, so the scores are the reward model's own, with no second copy of its weights."""
+        scorer = cls.__new__(cls)
+        scorer._use(tokenizer, model, device, batch_size, max_length, normalize, lambda: adapter_off(model))
+        return scorer
+
+    def _use(self, tokenizer: Any, model: Any, device: torch.device, batch_size: int, max_length: int,
+             normalize: bool, frozen: Callable[[], contextlib.AbstractContextManager]) -> None:
+        self.tokenizer, self.model, self.device, self.frozen = tokenizer, model, device, frozen
         self.batch_size, self.max_length = batch_size, max_length
         cfg = self.model.config
         self.mean = float(getattr(cfg, "cai_reward_mean", 0.0)) if normalize else 0.0
@@ -432,7 +448,8 @@ class RewardScorer:
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
             ids, mask = right_pad([seqs[i] for i in idx], pad)
-            r = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.squeeze(-1)
+            with self.frozen():
+                r = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits.squeeze(-1)
             for j, i in enumerate(idx):
                 out[i] = (float(r[j]) - self.mean) / self.std
         return out
