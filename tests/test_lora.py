@@ -107,6 +107,30 @@ def test_lora_reward_model_keeps_its_trained_head(tiny_model_dir, tmp_path):
     assert scorer.score(texts) == pytest.approx(again, abs=1e-5)
 
 
+@pytest.mark.parametrize("trainer", ["sft", "rm"])
+def test_sft_and_rm_lora_on_a_bf16_base(tiny_model_dir, tmp_path, monkeypatch, trainer):
+    """What a GPU run does (the frozen base in bf16, adapters and the reward head in fp32), forced on
+    CPU: the dtypes meet without errors, the loss falls, and final/ is the merged bf16 model."""
+    from cai.train import reward, sft
+
+    monkeypatch.setattr(sft if trainer == "sft" else reward, "frozen_dtype", lambda device: "bfloat16")
+    out = tmp_path / trainer
+    kw = {"model": str(tiny_model_dir), "out_dir": str(out), "device": "cpu", "lr": 3e-2, "max_steps": 6,
+          "batch_size": 4, "log_every": 1, "plot": False, "lora": LORA, "save_every": 6}
+    if trainer == "sft":
+        run_sft(SFTConfig(train_file=str(_sft_data(tmp_path / "d.jsonl")), **kw))
+    else:
+        run_reward(RewardConfig(train_file=str(_pairs(tmp_path / "d.jsonl")), max_length=48, **kw))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    saved = load_file(str(out / "checkpoints" / "step-00000006" / "adapter_model.safetensors"))
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())  # adapters (and the head) in fp32
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert final["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+    if trainer == "rm":
+        assert any("score" in k for k in saved)
+
+
 def test_reference_is_the_policy_with_its_adapter_off_exactly(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()

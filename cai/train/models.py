@@ -1,4 +1,5 @@
-"""Preparing a model for training: dropout off, KV cache off, gradient checkpointing on request."""
+"""Preparing a model for training: dropout off, KV cache off, gradient checkpointing on request; the
+dtype of frozen weights, fp32 heads over them, and sparse gradients for a tied embedding."""
 
 from __future__ import annotations
 
@@ -15,6 +16,24 @@ def disable_dropout(model: torch.nn.Module) -> None:
     for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
+
+
+def frozen_dtype(device: torch.device) -> str:
+    """The dtype of weights no optimizer updates (PPO's reference and reward model, a LoRA base): bf16 on
+    a GPU, half the memory of fp32; fp32 on a CPU, where bf16 matmuls are slow."""
+    return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def _cast_to_weight_dtype(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return (args[0].to(module.weight.dtype), *args[1:])
+
+
+def fp32_head(head: torch.nn.Module) -> None:
+    """A head trained in full (a reward or value head) in fp32 over a base that may be bf16: its weights
+    in fp32 and its input cast to fp32 (a forward pre-hook, which peft's trained copy of the head keeps),
+    so the model's own forward runs whatever the base's dtype."""
+    head.float()
+    head.register_forward_pre_hook(_cast_to_weight_dtype)
 
 
 def prepare_model(model: torch.nn.Module, config: TrainConfig) -> None:

@@ -62,7 +62,7 @@ from cai.train.judge_watch import Divergence, detect_divergence, trace_from_metr
 from cai.train.loop import Session, open_run
 from cai.train.lora import adapter_off, add_lora
 from cai.train.metrics import METRICS, plot_curves, read_metrics, trim_after
-from cai.train.models import disable_dropout, prepare_model
+from cai.train.models import disable_dropout, frozen_dtype, prepare_model
 from cai.train.ppo_config import PPOConfig, PromptSource
 from cai.train.ppo_core import (
     KLController,
@@ -82,7 +82,6 @@ from cai.train.ppo_models import (
     RewardFn,
     build_sampler,
     forward,
-    frozen_dtype,
     load_critic,
     reward_model_fn,
 )

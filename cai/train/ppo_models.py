@@ -15,7 +15,7 @@ import torch
 from cai.errors import CaiError
 from cai.tokens import position_ids
 from cai.train.lora import add_lora, base_of
-from cai.train.models import disable_dropout, prepare_model
+from cai.train.models import disable_dropout, fp32_head, frozen_dtype, prepare_model
 from cai.train.ppo_config import PPOConfig
 from cai.train.ppo_core import entropy_from_logits, logprobs_from_logits, response_mask
 from cai.train.rollout import PolicySampler, Rollout, RolloutSampler, VLLMSampler
@@ -44,11 +44,6 @@ class TokenCritic(torch.nn.Module):
         return model.score(hidden[:, -keep:]).squeeze(-1).float()
 
 
-def _cast_to_weight_dtype(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Forward pre-hook of an fp32 head over a bf16 base: its input in the head's dtype."""
-    return (args[0].to(module.weight.dtype), *args[1:])
-
-
 def load_critic(path: str, tokenizer: Any, config: PPOConfig, device: torch.device) -> TokenCritic:
     """The critic from a reward model (its trained head) or any causal LM (a zero head). With LoRA
     (config.critic_lora_settings()), the critic trains its own adapters on its frozen base (bf16 on a
@@ -72,8 +67,7 @@ def load_critic(path: str, tokenizer: Any, config: PPOConfig, device: torch.devi
             model.score.weight.zero_()
     prepare_model(model, config)
     if lora is not None:
-        model.score.float()
-        model.score.register_forward_pre_hook(_cast_to_weight_dtype)  # peft's trainable copy keeps the hook
+        fp32_head(model.score)
         model = add_lora(model, lora, full=("score",))
     return TokenCritic(model, critic_tok if trained and config.critic_holds_reward_model() else None)
 
@@ -137,11 +131,6 @@ def _env(name: str, value: str) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = before
-
-
-def frozen_dtype(device: torch.device) -> str:
-    """The dtype of models PPO never trains (reference, reward model): bf16 on a GPU, else fp32."""
-    return "bfloat16" if device.type == "cuda" else "float32"
 
 
 def _sequence(batch: Rollout, rows: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, ...]:

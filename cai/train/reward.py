@@ -36,7 +36,7 @@ from cai.train.devices import dist_info
 from cai.train.loop import LossFn, fit, open_run, start_supervised
 from cai.train.lora import adapter_off, add_lora
 from cai.train.metrics import plot_curves
-from cai.train.models import prepare_model
+from cai.train.models import fp32_head, frozen_dtype, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -357,10 +357,12 @@ def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | Non
     start = time.perf_counter()
     out, last, acc = open_run(config, resume)
     model_path = config.model_path()
-    tokenizer, model = load_reward_model(model_path)
+    # with LoRA the base is frozen: bf16 on a GPU; the adapters and the head (trained in full) stay fp32
+    tokenizer, model = load_reward_model(model_path, getattr(torch, frozen_dtype(acc.device)) if config.lora else torch.float32)
     prepare_model(model, config)
     if config.lora is not None:
-        model = add_lora(model, config.lora, full=("score",))  # the head trains in full, saved with the adapters
+        fp32_head(model.score)
+        model = add_lora(model, config.lora, full=("score",))  # the head is saved with the adapters
     train = load_pairs(config.train_file, tokenizer, config.max_length, config.limit_train)
     test = load_pairs(config.test_file, tokenizer, config.max_length, config.limit_test) if config.test_file else []
     unknown = set(config.source_weights) - {p.source for p in train}
