@@ -81,6 +81,7 @@ from cai.train.ppo_judge import PPOJudge, judge_due
 from cai.train.ppo_models import (
     RewardFn,
     build_sampler,
+    critic_values,
     forward,
     load_critic,
     reward_model_fn,
@@ -218,10 +219,14 @@ class PPORun:
     controller."""
 
     def __init__(self, config: PPOConfig, acc: Any, out: Path, model_path: str, tokenizer: Any, session: Session,
-                 ref: Any, value_kw: dict[str, Any], sampler: RolloutSampler, score_fn: RewardFn,
-                 schedule: PromptSchedule, steps: int, judge: PPOJudge | None = None):
+                 ref: Any, sampler: RolloutSampler, score_fn: RewardFn, schedule: PromptSchedule, steps: int,
+                 judge: PPOJudge | None = None):
         self.config, self.acc, self.out, self.model_path, self.tokenizer = config, acc, out, model_path, tokenizer
-        self.session, self.ref, self.value_kw, self.sampler, self.score_fn = session, ref, value_kw, sampler, score_fn
+        self.session, self.ref, self.sampler, self.score_fn = session, ref, sampler, score_fn
+        # the value module: a separate critic (critic: reward_model), or a head on the policy (policy_head)
+        separate = config.critic == "reward_model"
+        self.critic: Any = session.modules["value"] if separate else None
+        self.head: Any = None if separate else session.modules["value"]
         self.schedule, self.steps, self.judge = schedule, steps, judge
         self.rank, self.world, self.device = acc.process_index, acc.num_processes, acc.device
         extra = session.state.extra
@@ -309,10 +314,8 @@ def setup(config: PPOConfig, resume: bool, reward_fn: RewardFn | None) -> PPORun
     value_module = acc.unwrap_model(session.modules["value"])
     if config.critic == "reward_model":
         session.extra_models["critic"] = value_module.model
-        value_kw = {"critic": session.modules["value"]}
     else:
         session.stateful["value_head"] = FullState(value_module) if is_sharded(value_module) else value_module
-        value_kw = {"head": session.modules["value"]}
     stop = () if has_chat_template(tokenizer) else HH_STOP
     model_path = config.model_path()
     sampler = build_sampler(config, acc.unwrap_model(session.model), tokenizer, stop, model_path, world,
@@ -321,8 +324,7 @@ def setup(config: PPOConfig, resume: bool, reward_fn: RewardFn | None) -> PPORun
     if acc.is_main_process:
         trim_after(out / SAMPLES, state.step)
     judge = PPOJudge(config) if config.judge_every and acc.is_main_process else None
-    return PPORun(config, acc, out, model_path, tokenizer, session, ref, value_kw, sampler, score_fn, schedule, steps,
-                  judge)
+    return PPORun(config, acc, out, model_path, tokenizer, session, ref, sampler, score_fn, schedule, steps, judge)
 
 
 # ---------------------------------------------------------------- 1. rollout, 2. score
@@ -388,8 +390,10 @@ def prepare(run: PPORun, batch: Rollout, scores: torch.Tensor) -> Episodes:
     old_logprobs, ref_logprobs, entropy, values = (torch.zeros_like(mask) for _ in range(4))
     with torch.no_grad(), run.acc.autocast():
         for chunk in torch.arange(n).split(config.batch_size):
-            lp, ent, v = forward(run.policy, batch, chunk, config.temperature, run.device, **run.value_kw,
+            lp, ent, v = forward(run.policy, batch, chunk, config.temperature, run.device, head=run.head,
                                  want_entropy=True)
+            if run.critic is not None:
+                v = critic_values(run.critic, batch, chunk, run.device)
             old_logprobs[chunk], entropy[chunk], values[chunk] = lp.cpu(), ent.cpu(), v.cpu()
             ref_logprobs[chunk] = reference_logprobs(run, batch, chunk).cpu()
     values = values * mask
@@ -404,20 +408,28 @@ def prepare(run: PPORun, batch: Rollout, scores: torch.Tensor) -> Episodes:
 # ---------------------------------------------------------------- 4. update
 
 
-def _micro_loss(run: PPORun, batch: Rollout, ep: Episodes, rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped policy loss + vf_coef * clipped value loss of one micro-batch, and its statistics."""
-    config, device = run.config, run.device
+def _micro_step(run: PPORun, batch: Rollout, ep: Episodes, rows: torch.Tensor, n: int, where: str
+                ) -> dict[str, torch.Tensor]:
+    """Backpropagate one of n micro-batches' clipped policy loss + vf_coef * clipped value loss, and
+    return its statistics. A separate critic shares no weight with the policy, so its forward pass runs
+    after the policy's backward pass, with the same gradients as the summed loss: the critic's
+    activations never exist beside the policy's, and the step's peak is the larger of the two."""
+    config, device, session = run.config, run.device, run.session
+    mk, old = ep.mask[rows].to(device), ep.old_logprobs[rows].to(device)
     with run.acc.autocast():
-        lp, _, v = forward(run.policy, batch, rows, config.temperature, device, **run.value_kw)
-    mk = ep.mask[rows].to(device)
-    old = ep.old_logprobs[rows].to(device)
+        lp, _, v = forward(run.policy, batch, rows, config.temperature, device, head=run.head)
     pg_loss, clipfrac, approx_kl = policy_loss(lp, old, ep.advantages[rows].to(device), mk, config.cliprange)
+    if run.critic is not None:
+        session.backward(pg_loss, n, where)
+        with run.acc.autocast():
+            v = critic_values(run.critic, batch, rows, device)
     vf_loss, vf_clipfrac = value_loss(v, ep.values[rows].to(device), ep.returns[rows].to(device), mk,
                                       config.cliprange_value)
+    session.backward(config.vf_coef * vf_loss if run.critic is not None else pg_loss + config.vf_coef * vf_loss, n,
+                     where)
     ratio = torch.exp((lp.detach() - old) * mk)
-    stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "clipfrac": clipfrac, "value_clipfrac": vf_clipfrac,
-             "approx_kl": approx_kl, "ratio_mean": masked_mean(ratio, mk), "ratio_var": masked_var(ratio, mk)}
-    return pg_loss + config.vf_coef * vf_loss, stats
+    return {"policy_loss": pg_loss, "value_loss": vf_loss, "clipfrac": clipfrac, "value_clipfrac": vf_clipfrac,
+            "approx_kl": approx_kl, "ratio_mean": masked_mean(ratio, mk), "ratio_var": masked_var(ratio, mk)}
 
 
 def update(run: PPORun, batch: Rollout, ep: Episodes) -> dict[str, float]:
@@ -433,8 +445,8 @@ def update(run: PPORun, batch: Rollout, ep: Episodes) -> dict[str, float]:
             micro = mb.split(config.batch_size)
             for k, rows in enumerate(micro):
                 with session.micro_batch(k, len(micro)):
-                    loss, stats = _micro_loss(run, batch, ep, rows)
-                    session.backward(loss, len(micro), f"ppo epoch {epoch}, minibatch {m}, episodes {rows.tolist()[:8]}")
+                    stats = _micro_step(run, batch, ep, rows, len(micro),
+                                        f"ppo epoch {epoch}, minibatch {m}, episodes {rows.tolist()[:8]}")
                 for key, val in stats.items():
                     sums[key] = sums.get(key, 0.0) + float(val.detach())
                 counted += 1

@@ -143,12 +143,12 @@ def _sequence(batch: Rollout, rows: torch.Tensor, device: torch.device) -> tuple
 
 
 def forward(policy: Any, batch: Rollout, rows: torch.Tensor, temperature: float, device: torch.device,
-            critic: Any = None, head: Any = None, want_entropy: bool = False
+            head: Any = None, want_entropy: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Log-probs of the sampled response tokens (logits / temperature), their entropy (if asked)
-    and the values (from a separate `critic`, or a `head` on the policy's last hidden state), all
-    [rows, R]. Position Q - 1 + t predicts response token t, so the LM head and the critic run only
-    on the last R + 1 positions."""
+    and the values of a `head` on the policy's last hidden state (if given), all [rows, R]. Position
+    Q - 1 + t predicts response token t, so the LM head and the value head run only on the last R + 1
+    positions."""
     ids, attention, positions, response, _ = _sequence(batch, rows, device)
     keep = response.shape[1] + 1
     out = policy(input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=keep,
@@ -158,6 +158,11 @@ def forward(policy: Any, batch: Rollout, rows: torch.Tensor, temperature: float,
     values = None
     if head is not None:
         values = head(out.hidden_states[-1][:, -keep:-1].float()).squeeze(-1).float()
-    elif critic is not None:
-        values = critic(ids, attention, positions, keep)[:, :-1]
     return logprobs, entropy, values
+
+
+def critic_values(critic: Any, batch: Rollout, rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Values [rows, R] of a separate critic (TokenCritic): its score at the R positions before each
+    response token."""
+    ids, attention, positions, response, _ = _sequence(batch, rows, device)
+    return critic(ids, attention, positions, response.shape[1] + 1)[:, :-1]
