@@ -36,6 +36,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -76,11 +77,13 @@ def worker_ours(a: argparse.Namespace) -> dict:
     parts = {k: sum(r[f"time_{k}"] for r in rows) / len(rows) for k in ("generate", "score", "prepare", "update")}
     step = sum(parts.values())
     tokens = sum(r["response_length"] for r in rows) / len(rows) * _episodes(a)
-    return {"step_s": step, "tokens_per_step": tokens, "tokens_per_s": tokens / step,
-            "gen_tokens_per_s": tokens / parts["generate"], "mean_response_tokens": tokens / _episodes(a),
-            "breakdown_s": parts, "breakdown_share": {k: v / step for k, v in parts.items()},
-            "timed_steps": len(rows), "score_mean": sum(r["score"] for r in rows) / len(rows),
-            "peak_mb": peak_memory_mb()}
+    result = {"step_s": step, "tokens_per_step": tokens, "tokens_per_s": tokens / step,
+              "gen_tokens_per_s": tokens / parts["generate"], "mean_response_tokens": tokens / _episodes(a),
+              "breakdown_s": parts, "breakdown_share": {k: v / step for k, v in parts.items()},
+              "timed_steps": len(rows), "score_mean": sum(r["score"] for r in rows) / len(rows),
+              "peak_mb": peak_memory_mb()}
+    shutil.rmtree(out)  # checkpoints with optimizer state: gigabytes per run
+    return result
 
 
 def worker_trl(a: argparse.Namespace) -> dict:
