@@ -14,7 +14,9 @@ The implementation details that matter (Huang et al., "The N+ implementation det
 PPO"; Ziegler et al. 2019), and where they are:
 - four models: the policy (from the SFT model), a frozen reference copy of it, a critic (initialised
   from the reward model and read at every token, or a zero-initialised value head on the policy's
-  last hidden state) and the frozen reward model. Dropout is off in all of them.
+  last hidden state) and the frozen reward model. Dropout is off in all of them. With LoRA the
+  reference is the policy's adapter turned off, and a LoRA critic loaded from the reward model is
+  also the reward model (its adapters off), so each of those weights is held once.
 - rollouts sample at `temperature` (no top-p: the log-probs PPO recomputes must be those of the
   distribution that was sampled), with exact token ids, from the in-memory policy (rollout_engine
   hf) or from a vLLM engine in the same process whose weights are overwritten with the policy's
@@ -22,13 +24,16 @@ PPO"; Ziegler et al. 2019), and where they are:
   sequence (the HH format's next turn). Responses that hit max_new_tokens without ending lose
   `unfinished_penalty` from their score.
 - log-probs are recomputed with logits divided by the temperature; the LM head runs only on the
-  response positions (with a 262k vocabulary it costs more than the transformer body).
+  response positions (with a 262k vocabulary it costs more than the transformer body), and the
+  log-softmax a chunk of positions at a time (ppo_core.logprobs_from_logits).
 - reward: -kl_coef * (log p - log p_ref) per token (k1), plus the score on the last real token;
   kl_coef is fixed, or adaptive towards kl_target. Optional reward whitening keeps the mean.
 - GAE (gamma, lambda) with the episode ending at the last real token; advantages whitened; clipped
-  policy objective; clipped value loss weighted by vf_coef; `ppo_epochs` passes over shuffled
-  minibatches; global gradient clipping; every loss and statistic is a masked mean over real
-  response tokens, so padding and whatever follows the end never count.
+  policy objective; clipped value loss weighted by vf_coef (a separate critic's forward and backward
+  run after the policy's backward: no shared weights, the same gradients, and never both models'
+  activations at once); `ppo_epochs` passes over shuffled minibatches; global gradient clipping;
+  every loss and statistic is a masked mean over real response tokens, so padding and whatever
+  follows the end never count.
 - the prompts of a step are a pure function of (seed, step) and every response is sampled from its
   own seeded generator, so a resumed run draws exactly what the uninterrupted run drew; checkpoints
   hold the policy, the critic, optimizer, scheduler, RNG and the KL controller.
