@@ -221,6 +221,32 @@ def test_unfinished_responses_are_penalised(tiny_model_dir, prompt_files, tmp_pa
     assert row["reward"] == pytest.approx(1.0 - 2.0 * row["unfinished"])
 
 
+def test_a_separate_critic_runs_after_the_policys_backward(tiny_model_dir, prompt_files, tmp_path, monkeypatch):
+    """Memory: in the update, the critic's forward pass starts only once the micro-batch's policy
+    gradient exists (the policy's activations are freed), never beside the policy's activations."""
+    from cai.train import ppo
+
+    policies: list = []
+    seen: list[bool] = []
+    real_setup, real_values = ppo.setup, ppo.critic_values
+
+    def setup(*args):
+        run = real_setup(*args)
+        policies.append(run.policy)
+        return run
+
+    def critic_values(critic, batch, rows, device):
+        if torch.is_grad_enabled():  # the update, not prepare's no-grad pass
+            seen.append(all(p.grad is not None for p in policies[0].parameters() if p.requires_grad))
+        return real_values(critic, batch, rows, device)
+
+    monkeypatch.setattr(ppo, "setup", setup)
+    monkeypatch.setattr(ppo, "critic_values", critic_values)
+    run_ppo(_config(tiny_model_dir, prompt_files[0], tmp_path / "run", max_steps=1, ppo_epochs=1, critic="reward_model",
+                    critic_model=str(tiny_model_dir), sample_every=0, plot=False), reward_fn=lambda c, t: [1.0] * len(t))
+    assert len(seen) == 4 and all(seen)  # 16 episodes in micro-batches of 4
+
+
 @pytest.mark.parametrize("critic", ["policy_head", "reward_model"])
 def test_resume_reproduces_the_uninterrupted_run(tiny_model_dir, prompt_files, tmp_path, critic):
     kw = {"max_steps": 4, "save_every": 2, "critic": critic, "critic_model": str(tiny_model_dir), "plot": False,
