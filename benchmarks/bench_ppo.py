@@ -63,7 +63,7 @@ def worker_ours(a: argparse.Namespace) -> dict:
 
     out = Path(a.out) / f"{a.worker}-{a.critic}-{a.round}"
     lora = {"r": a.lora_r, "alpha": 2.0 * a.lora_r}
-    adapters = {"lora": lora} if a.worker == "ours-lora" else {"critic_lora": lora} if a.worker == "ours-critic-lora" else {}
+    adapters = {"ours-lora": {"lora": lora}, "ours-critic-lora": {"critic_lora": lora}}.get(a.worker, {})
     cfg = PPOConfig(
         model=a.model, reward_model=str(Path(a.out) / "rm"), critic=a.critic, out_dir=str(out),
         prompts=[{"file": str(Path(a.out) / "prompts.jsonl")}], prompts_per_step=a.prompts,

@@ -111,9 +111,9 @@ def test_lora_reward_model_keeps_its_trained_head(tiny_model_dir, tmp_path):
 def test_sft_and_rm_lora_on_a_bf16_base(tiny_model_dir, tmp_path, monkeypatch, trainer):
     """What a GPU run does (the frozen base in bf16, adapters and the reward head in fp32), forced on
     CPU: the dtypes meet without errors, the loss falls, and final/ is the merged bf16 model."""
-    from cai.train import reward, sft
+    from cai.train import models
 
-    monkeypatch.setattr(sft if trainer == "sft" else reward, "frozen_dtype", lambda device: "bfloat16")
+    monkeypatch.setattr(models, "frozen_dtype", lambda device: "bfloat16")
     out = tmp_path / trainer
     kw = {"model": str(tiny_model_dir), "out_dir": str(out), "device": "cpu", "lr": 3e-2, "max_steps": 6,
           "batch_size": 4, "log_every": 1, "plot": False, "lora": LORA, "save_every": 6}
@@ -192,9 +192,9 @@ def test_ppo_with_lora_policy_and_critic_resumes_exactly_with_no_reference_copy(
 def test_ppo_on_bf16_frozen_models_with_an_fp32_trainer(tiny_model_dir, tmp_path, monkeypatch, critic, lora):
     """What a GPU run does (frozen models and bases in bf16, trained weights and heads in fp32, trainer
     dtype fp32), forced on CPU: the dtypes meet without errors and the trained parts learn."""
-    from cai.train import ppo, ppo_models
+    from cai.train import models, ppo, ppo_models
 
-    for module in (ppo, ppo_models):
+    for module in (models, ppo, ppo_models):
         monkeypatch.setattr(module, "frozen_dtype", lambda device: "bfloat16")
     prompts = tmp_path / "red.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in QUESTIONS))
@@ -222,12 +222,12 @@ def test_a_lora_critic_from_the_reward_model_scores_as_the_reward_model_with_one
     """A full fine-tune of the policy with critic_lora: the reward model is loaded once (as the critic's
     base) and scores with the critic's adapters off and its original head, as a copy of its own would;
     bf16 (a GPU's frozen dtype) puts the fp32 head over a bf16 base in the reward model's own forward."""
-    from cai.train import ppo, ppo_models, reward
+    from cai.train import models, ppo, ppo_models, reward
 
     rm = tmp_path / "rm"
     run_reward(RewardConfig(model=str(tiny_model_dir), out_dir=str(rm), train_file=str(_pairs(tmp_path / "p.jsonl")),
                             device="cpu", lr=1e-2, max_steps=2, batch_size=4, max_length=48, plot=False))
-    for module in (ppo, ppo_models):
+    for module in (models, ppo, ppo_models):
         monkeypatch.setattr(module, "frozen_dtype", lambda device: frozen)
     loads = []
     real = reward.load_reward_model

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from cai.train.config import TrainConfig
+from cai.train.config import LoraSettings, TrainConfig
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -22,6 +22,12 @@ def frozen_dtype(device: torch.device) -> str:
     """The dtype of weights no optimizer updates (PPO's reference and reward model, a LoRA base): bf16 on
     a GPU, half the memory of fp32; fp32 on a CPU, where bf16 matmuls are slow."""
     return "bfloat16" if device.type == "cuda" else "float32"
+
+
+def load_dtype(lora: LoraSettings | None, device: torch.device) -> torch.dtype:
+    """The dtype to load a model a trainer adapts in: with LoRA its weights are a frozen base
+    (frozen_dtype), else every weight trains, in fp32."""
+    return getattr(torch, frozen_dtype(device)) if lora is not None else torch.float32
 
 
 def _cast_to_weight_dtype(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:

@@ -67,7 +67,7 @@ from cai.train.judge_watch import Divergence, detect_divergence, trace_from_metr
 from cai.train.loop import Session, open_run
 from cai.train.lora import adapter_off, add_lora
 from cai.train.metrics import METRICS, plot_curves, read_metrics, trim_after
-from cai.train.models import disable_dropout, frozen_dtype, prepare_model
+from cai.train.models import disable_dropout, frozen_dtype, load_dtype, prepare_model
 from cai.train.ppo_config import PPOConfig, PromptSource
 from cai.train.ppo_core import (
     KLController,
@@ -269,7 +269,7 @@ def load_models(config: PPOConfig, device: torch.device) -> tuple[Any, Any, Any,
 
     model_path = config.model_path()
     # with LoRA the policy's base is frozen: bf16 on a GPU (the adapters stay fp32)
-    tokenizer, policy = load_pretrained(model_path, getattr(torch, frozen_dtype(device)) if config.lora else torch.float32)
+    tokenizer, policy = load_pretrained(model_path, load_dtype(config.lora, device))
     vocab = policy.get_input_embeddings().weight.shape[0]
     ensure_pad_token(tokenizer, policy)
     prepare_model(policy, config)

@@ -15,7 +15,7 @@ import torch
 from cai.errors import CaiError
 from cai.tokens import position_ids
 from cai.train.lora import add_lora, base_of
-from cai.train.models import disable_dropout, fp32_head, frozen_dtype, prepare_model
+from cai.train.models import disable_dropout, fp32_head, frozen_dtype, load_dtype, prepare_model
 from cai.train.ppo_config import PPOConfig
 from cai.train.ppo_core import entropy_from_logits, logprobs_from_logits, response_mask
 from cai.train.rollout import PolicySampler, Rollout, RolloutSampler, VLLMSampler
@@ -56,7 +56,7 @@ def load_critic(path: str, tokenizer: Any, config: PPOConfig, device: torch.devi
     trained = any(a.endswith("ForSequenceClassification")
                   for a in AutoConfig.from_pretrained(path, local_files_only=local_only).architectures or [])
     lora = config.critic_lora_settings()
-    critic_tok, model = load_reward_model(path, getattr(torch, frozen_dtype(device)) if lora else torch.float32)
+    critic_tok, model = load_reward_model(path, load_dtype(lora, device))
     if critic_tok.get_vocab() != tokenizer.get_vocab():
         raise CaiError(
             f"critic: reward_model needs a critic with the policy's tokenizer, and {path} has another one; "

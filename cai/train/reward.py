@@ -36,7 +36,7 @@ from cai.train.devices import dist_info
 from cai.train.loop import LossFn, fit, open_run, start_supervised
 from cai.train.lora import adapter_off, add_lora
 from cai.train.metrics import plot_curves
-from cai.train.models import fp32_head, frozen_dtype, prepare_model
+from cai.train.models import fp32_head, load_dtype, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ def run_reward(config: RewardConfig, resume: bool = False, stop_after: int | Non
     out, last, acc = open_run(config, resume)
     model_path = config.model_path()
     # with LoRA the base is frozen: bf16 on a GPU; the adapters and the head (trained in full) stay fp32
-    tokenizer, model = load_reward_model(model_path, getattr(torch, frozen_dtype(acc.device)) if config.lora else torch.float32)
+    tokenizer, model = load_reward_model(model_path, load_dtype(config.lora, acc.device))
     prepare_model(model, config)
     if config.lora is not None:
         fp32_head(model.score)

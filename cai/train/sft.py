@@ -34,7 +34,7 @@ from cai.train.devices import dist_info
 from cai.train.loop import fit, open_run, start_supervised
 from cai.train.lora import add_lora
 from cai.train.metrics import plot_curves
-from cai.train.models import frozen_dtype, prepare_model
+from cai.train.models import load_dtype, prepare_model
 
 IGNORE = -100  # label of tokens that carry no loss
 
@@ -324,7 +324,7 @@ def run_sft(config: SFTConfig, resume: bool = False, stop_after: int | None = No
     train_ex, test_ex, skipped = _split_examples(config)  # before the model: a bad file fails in a second
     model_path = config.model_path()
     # with LoRA the base is frozen: bf16 on a GPU (the adapters stay fp32)
-    tokenizer, model = load_pretrained(model_path, getattr(torch, frozen_dtype(acc.device)) if config.lora else torch.float32)
+    tokenizer, model = load_pretrained(model_path, load_dtype(config.lora, acc.device))
     ensure_pad_token(tokenizer, model)
     prepare_model(model, config)
     if config.lora is not None:
